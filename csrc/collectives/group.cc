@@ -1,0 +1,240 @@
+#include "collectives/group.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <set>
+#include <sstream>
+
+#include "collectives/algorithms.h"
+
+namespace dtrain {
+namespace {
+
+uint64_t defaultSmallBytes() {
+  static uint64_t v = [] {
+    const char* s = std::getenv("DTRAIN_SMALL_BYTES");
+    return s ? std::strtoull(s, nullptr, 10) : uint64_t(64) << 10;
+  }();
+  return v;
+}
+
+}  // namespace
+
+Group::Group(Mesh* mesh, std::vector<int> ranks, uint32_t id, std::string name, double timeout)
+    : mesh_(mesh), ranks_(std::move(ranks)), id_(id), gslot_(static_cast<int>(id % kGroupSlots)),
+      name_(std::move(name)), timeout_(timeout), smallBytes_(defaultSmallBytes()) {
+  DTRAIN_CHECK(!ranks_.empty(), kConfig, "a group needs at least one rank");
+  std::set<int> seen;
+  for (size_t i = 0; i < ranks_.size(); ++i) {
+    int r = ranks_[i];
+    DTRAIN_CHECK(r >= 0 && r < mesh->size(), kConfig, "group rank list names rank ", r,
+                 ", outside the world of ", mesh->size(), " ranks");
+    DTRAIN_CHECK(seen.insert(r).second, kConfig, "group rank list names rank ", r, " twice");
+    if (r == mesh->rank()) me_ = static_cast<int>(i);
+  }
+}
+
+void Group::requireMember(const char* what) const {
+  if (me_ >= 0) return;
+  std::ostringstream os;
+  for (size_t i = 0; i < ranks_.size(); ++i) os << (i ? "," : "") << ranks_[i];
+  DTRAIN_THROW(kConfig, what, " on group ", name_, " (ranks [", os.str(), "]) from rank ",
+               mesh_->rank(), ", which is not in it: call it only on the group's ranks, or pass "
+               "group=None for the world");
+}
+
+Descriptor Group::begin(Kind kind, DType dt, uint64_t count, RedOp op, DType wire, int root,
+                        bool collective) {
+  requireMember(kindName(kind));
+  Descriptor d{};
+  d.magic = kDescriptorMagic;
+  d.kind = kind;
+  d.dtype = dt;
+  d.wire = wire;
+  d.op = op;
+  d.group = id_;
+  d.root = root;
+  d.seq = collective ? ++seq_ : 0;
+  d.count = count;
+  return d;
+}
+
+std::vector<uint8_t>& Group::scratch(size_t bytes) {
+  if (scratch_.size() < bytes) scratch_.resize(bytes);
+  return scratch_;
+}
+
+void Group::enter(Collective& c) {
+  std::string why;
+  if (mesh_->broken(&why))
+    DTRAIN_THROW(kComm, c.describe(), " on rank ", mesh_->rank(),
+                 " cannot run: communication broke earlier (", why,
+                 "). Restart the job (dtrain-run --max-restarts) after fixing the cause");
+  if (c.desc.seq > 0 && mesh_->board().valid())
+    mesh_->board().enter(mesh_->rank(), id_, gslot_, c.desc.seq);
+}
+
+void Group::checkHealth(Collective& c, double idleSeconds) {
+  Board& board = mesh_->board();
+  int who;
+  std::string why;
+  if (board.valid() && board.aborted(&who, &why) && who != mesh_->rank())
+    DTRAIN_THROW(kComm, "rank ", who, " aborted: ", why);
+  for (auto* legs : {&c.ins, &c.outs})
+    for (Leg& l : *legs)
+      if (!l.finished()) l.pair->checkPeer();
+  if (idleSeconds < timeout_) return;
+
+  std::ostringstream missing, waiting;
+  std::set<int> stalled;
+  for (auto* legs : {&c.ins, &c.outs})
+    for (Leg& l : *legs)
+      if (!l.finished()) stalled.insert(globalRank(l.peer));
+  int nMissing = 0;
+  if (c.desc.seq > 0 && board.valid()) {
+    for (int g = 0; g < size(); ++g) {
+      int r = globalRank(g);
+      if (g == me_ || !mesh_->isLocal(r)) continue;
+      int64_t last = board.lastEntered(r, id_, gslot_);
+      if (last < static_cast<int64_t>(c.desc.seq)) {
+        missing << (nMissing++ ? ", " : "") << r << " (last entered call #" << last << ")";
+      }
+    }
+  }
+  int i = 0;
+  for (int r : stalled) waiting << (i++ ? ", " : "") << r << (mesh_->isLocal(r) ? "" : " (remote)");
+  DTRAIN_THROW(kTimeout, c.describe(), " in group ", name_, " timed out on rank ", mesh_->rank(),
+               " after ", timeout_, " s without progress: ",
+               nMissing ? "rank(s) " + missing.str() + " did not arrive; " : std::string(),
+               "still waiting on rank(s) ", waiting.str(),
+               ". If a rank is legitimately slow, raise dtrain.init(timeout=...)");
+}
+
+void Group::fail(Collective& c, const Error& e) {
+  std::string msg = e.what();
+  std::string context = c.describe() + " in group " + name_ + " failed on rank " +
+                        std::to_string(mesh_->rank()) + ": ";
+  if (msg.rfind(c.describe(), 0) == 0) context.clear();  // already says which call
+  mesh_->breakWith(context + msg);
+  throw Error(e.kind(), context + msg);
+}
+
+void Group::allreduce(void* buf, uint64_t count, DType dt, RedOp op, DType wire) {
+  DTRAIN_CHECK(op != RedOp::kAvg || isFloating(dt), kConfig, "op='avg' needs a floating-point tensor, got ",
+               dtypeName(dt), ": use op='sum' and divide, or convert the tensor to float");
+  DTRAIN_CHECK(wire == dt || (dt == DType::kFloat32 && isHalf(wire)), kConfig, "compression=",
+               wire == DType::kFloat16 ? "'fp16'" : "'bf16'", " applies to float32 tensors, got ",
+               dtypeName(dt), ": pass compression=None for this tensor");
+  Descriptor d = begin(Kind::kAllreduce, dt, count, op, wire);
+  if (size() == 1) return;
+  uint8_t* p = static_cast<uint8_t*>(buf);
+  if (count * dtypeSize(wire) <= smallBytes_ || count < static_cast<uint64_t>(size())) {
+    DirectAllreduce c(*this, p, count, dt, op, wire, d);
+    runCollective(*this, c);
+  } else {
+    RingReduce c(*this, p, count, dt, op, wire, /*allgather=*/true, /*shift=*/0, d);
+    runCollective(*this, c);
+  }
+}
+
+void Group::broadcast(void* buf, uint64_t count, DType dt, int root) {
+  DTRAIN_CHECK(root >= 0 && root < size(), kConfig, "broadcast root ", root, " is not a rank of group ",
+               name_, " (size ", size(), ")");
+  Descriptor d = begin(Kind::kBroadcast, dt, count, RedOp::kSum, dt, root);
+  if (size() == 1) return;
+  RingBroadcast c(*this, static_cast<uint8_t*>(buf), count * dtypeSize(dt), d);
+  runCollective(*this, c);
+}
+
+void Group::allgather(const void* in, void* out, const std::vector<uint64_t>& counts, DType dt) {
+  requireMember("allgather");
+  DTRAIN_CHECK(counts.size() == ranks_.size(), kConfig, "allgather needs one count per rank: got ",
+               counts.size(), " for ", ranks_.size(), " ranks");
+  Descriptor d = begin(Kind::kAllgather, dt, counts[me_], RedOp::kSum, dt);
+  std::vector<uint64_t> bytes(counts.size());
+  for (size_t i = 0; i < counts.size(); ++i) bytes[i] = counts[i] * dtypeSize(dt);
+  if (size() == 1) {
+    std::memcpy(out, in, bytes[0]);
+    return;
+  }
+  RingAllgather c(*this, static_cast<const uint8_t*>(in), static_cast<uint8_t*>(out), bytes, d);
+  runCollective(*this, c);
+}
+
+void Group::reduceScatter(const void* in, void* out, uint64_t count, DType dt, RedOp op, DType wire) {
+  DTRAIN_CHECK(op != RedOp::kAvg || isFloating(dt), kConfig, "op='avg' needs a floating-point tensor, got ",
+               dtypeName(dt), ": use op='sum' and divide, or convert the tensor to float");
+  DTRAIN_CHECK(wire == dt || (dt == DType::kFloat32 && isHalf(wire)), kConfig,
+               "compression applies to float32 tensors, got ", dtypeName(dt));
+  Descriptor d = begin(Kind::kReduceScatter, dt, count * size(), op, wire);
+  const size_t dsz = dtypeSize(dt);
+  if (size() == 1) {
+    std::memcpy(out, in, count * dsz);
+    return;
+  }
+  // The ring reduces in place, and the caller's input must stay as it was.
+  std::vector<uint8_t> work(static_cast<const uint8_t*>(in),
+                            static_cast<const uint8_t*>(in) + count * size() * dsz);
+  RingReduce c(*this, work.data(), count * size(), dt, op, wire, /*allgather=*/false, /*shift=*/-1, d);
+  runCollective(*this, c);
+  std::memcpy(out, work.data() + me_ * count * dsz, count * dsz);
+}
+
+void Group::alltoall(const void* in, const std::vector<uint64_t>& sendCounts, void* out,
+                     const std::vector<uint64_t>& recvCounts, DType dt) {
+  requireMember("alltoall");
+  DTRAIN_CHECK(sendCounts.size() == ranks_.size() && recvCounts.size() == ranks_.size(), kConfig,
+               "alltoall needs one send and one receive count per rank (", ranks_.size(), ")");
+  DTRAIN_CHECK(sendCounts[me_] == recvCounts[me_], kConfig, "alltoall: this rank sends ",
+               sendCounts[me_], " elements to itself but expects ", recvCounts[me_]);
+  Descriptor d = begin(Kind::kAlltoall, dt, 0, RedOp::kSum, dt);
+  const size_t dsz = dtypeSize(dt);
+  Exchange c(d);
+  const uint8_t* src = static_cast<const uint8_t*>(in);
+  uint8_t* dst = static_cast<uint8_t*>(out);
+  uint64_t so = 0, ro = 0;
+  for (int j = 0; j < size(); ++j) {
+    if (j == me_) {
+      std::memcpy(dst + ro, src + so, sendCounts[j] * dsz);
+    } else {
+      c.sendTo(pair(j), j, src + so, sendCounts[j] * dsz);
+      c.recvFrom(pair(j), j, dst + ro, recvCounts[j] * dsz);
+    }
+    so += sendCounts[j] * dsz;
+    ro += recvCounts[j] * dsz;
+  }
+  if (size() > 1) runCollective(*this, c);
+}
+
+void Group::send(const void* buf, uint64_t count, DType dt, int dst) {
+  DTRAIN_CHECK(dst >= 0 && dst < size() && dst != me_, kConfig, "send to rank ", dst,
+               ": the destination must be another rank of group ", name_, " (size ", size(), ")");
+  Descriptor d = begin(Kind::kSend, dt, count, RedOp::kSum, dt, /*root=*/0, /*collective=*/false);
+  Exchange c(d);
+  c.sendTo(pair(dst), dst, static_cast<const uint8_t*>(buf), count * dtypeSize(dt));
+  runCollective(*this, c);
+}
+
+void Group::recv(void* buf, uint64_t count, DType dt, int src) {
+  DTRAIN_CHECK(src >= 0 && src < size() && src != me_, kConfig, "recv from rank ", src,
+               ": the source must be another rank of group ", name_, " (size ", size(), ")");
+  Descriptor d = begin(Kind::kSend, dt, count, RedOp::kSum, dt, /*root=*/0, /*collective=*/false);
+  Exchange c(d);
+  c.recvFrom(pair(src), src, static_cast<uint8_t*>(buf), count * dtypeSize(dt));
+  runCollective(*this, c);
+}
+
+void Group::barrier() {
+  Descriptor d = begin(Kind::kBarrier, DType::kUInt8, 0);
+  if (size() == 1) return;
+  Exchange c(d);
+  for (int j = 0; j < size(); ++j) {
+    if (j == me_) continue;
+    c.sendTo(pair(j), j, nullptr, 0);
+    c.recvFrom(pair(j), j, nullptr, 0);
+  }
+  runCollective(*this, c);
+}
+
+}  // namespace dtrain

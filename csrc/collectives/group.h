@@ -1,0 +1,74 @@
+// A communicator over a subset of the world's ranks (the world itself is a
+// group of every rank). Each call blocks the calling thread until done; the
+// Executor (progress.h) is what runs them off the Python thread.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "collectives/engine.h"
+#include "common/dtype.h"
+#include "common/error.h"
+#include "transport/mesh.h"
+
+namespace dtrain {
+
+class Group {
+ public:
+  // `ranks`: global ranks, in group-rank order. `id` must be the same on every member.
+  Group(Mesh* mesh, std::vector<int> ranks, uint32_t id, std::string name, double timeout);
+
+  int rank() const { return me_; }  // -1 when this process is not a member
+  int size() const { return static_cast<int>(ranks_.size()); }
+  int globalRank(int groupRank) const { return ranks_[groupRank]; }
+  const std::vector<int>& ranks() const { return ranks_; }
+  const std::string& name() const { return name_; }
+  uint32_t id() const { return id_; }
+  double timeout() const { return timeout_; }
+  void setTimeout(double t) { timeout_ = t; }
+  // Allreduces of at most this many wire bytes take the one-hop direct path.
+  uint64_t smallBytes() const { return smallBytes_; }
+  void setSmallBytes(uint64_t b) { smallBytes_ = b; }
+  Mesh& mesh() { return *mesh_; }
+
+  // In place on `buf`. `wire` != dtype sends fp16/bf16 and accumulates in float32.
+  void allreduce(void* buf, uint64_t count, DType dt, RedOp op, DType wire);
+  void broadcast(void* buf, uint64_t count, DType dt, int root);
+  // Rank i contributes counts[i] elements; `out` receives all, in rank order.
+  void allgather(const void* in, void* out, const std::vector<uint64_t>& counts, DType dt);
+  // `in` holds size()*count elements; `out` receives this rank's reduced block of `count`.
+  void reduceScatter(const void* in, void* out, uint64_t count, DType dt, RedOp op, DType wire);
+  // Block i of `in` (sendCounts[i] elements) goes to rank i; block i of `out` comes from rank i.
+  void alltoall(const void* in, const std::vector<uint64_t>& sendCounts, void* out,
+                const std::vector<uint64_t>& recvCounts, DType dt);
+  void send(const void* buf, uint64_t count, DType dt, int dst);
+  void recv(void* buf, uint64_t count, DType dt, int src);
+  void barrier();
+
+  // ---- used by the engine ----
+  Pair* pair(int groupRank) const { return mesh_->pair(ranks_[groupRank]); }
+  uint64_t spinLimit() const { return mesh_->spinLimit(); }
+  void enter(Collective& c);
+  void checkHealth(Collective& c, double idleSeconds);
+  [[noreturn]] void fail(Collective& c, const Error& e);
+  std::vector<uint8_t>& scratch(size_t bytes);
+
+ private:
+  Descriptor begin(Kind kind, DType dt, uint64_t count, RedOp op = RedOp::kSum, DType wire = DType::kFloat32,
+                   int root = 0, bool collective = true);
+  void requireMember(const char* what) const;
+
+  Mesh* mesh_;
+  std::vector<int> ranks_;
+  int me_ = -1;
+  uint32_t id_;
+  int gslot_;
+  std::string name_;
+  double timeout_;
+  uint64_t seq_ = 0;
+  uint64_t smallBytes_;
+  std::vector<uint8_t> scratch_;
+};
+
+}  // namespace dtrain

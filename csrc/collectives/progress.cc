@@ -1,0 +1,91 @@
+#include "collectives/progress.h"
+
+#include <chrono>
+
+namespace dtrain {
+
+void Work::finish(std::exception_ptr err) {
+  std::lock_guard<std::mutex> g(mu_);
+  done_ = true;
+  err_ = err;
+  cv_.notify_all();
+}
+
+bool Work::wait(double timeout) {
+  std::unique_lock<std::mutex> g(mu_);
+  if (timeout < 0) cv_.wait(g, [&] { return done_; });
+  else if (!cv_.wait_for(g, std::chrono::duration<double>(timeout), [&] { return done_; })) return false;
+  if (err_) std::rethrow_exception(err_);
+  return true;
+}
+
+bool Work::completed() {
+  std::lock_guard<std::mutex> g(mu_);
+  return done_;
+}
+
+Executor::~Executor() {
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    stop_ = true;
+    cv_.notify_all();
+  }
+  if (thread_.joinable()) thread_.join();
+}
+
+std::shared_ptr<Work> Executor::submit(std::function<void()> fn) {
+  auto work = std::make_shared<Work>();
+  std::lock_guard<std::mutex> g(mu_);
+  if (!thread_.joinable()) thread_ = std::thread([this] { loop(); });
+  queue_.emplace_back(std::move(fn), work);
+  cv_.notify_all();
+  return work;
+}
+
+void Executor::run(std::function<void()> fn) {
+  {
+    std::unique_lock<std::mutex> g(mu_);
+    if (queue_.empty() && !busy_) {
+      busy_ = true;
+      g.unlock();
+      std::exception_ptr err;
+      try {
+        fn();
+      } catch (...) {
+        err = std::current_exception();
+      }
+      g.lock();
+      busy_ = false;
+      cv_.notify_all();
+      g.unlock();
+      if (err) std::rethrow_exception(err);
+      return;
+    }
+  }
+  submit(std::move(fn))->wait(-1);
+}
+
+void Executor::loop() {
+  for (;;) {
+    std::unique_lock<std::mutex> g(mu_);
+    cv_.wait(g, [&] { return stop_ || (!queue_.empty() && !busy_); });
+    if (queue_.empty()) return;  // stopping with nothing left
+    auto item = std::move(queue_.front());
+    queue_.pop_front();
+    busy_ = true;
+    g.unlock();
+    std::exception_ptr err;
+    try {
+      item.first();
+    } catch (...) {
+      err = std::current_exception();
+    }
+    g.lock();
+    busy_ = false;
+    cv_.notify_all();
+    g.unlock();
+    item.second->finish(err);
+  }
+}
+
+}  // namespace dtrain

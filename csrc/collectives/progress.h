@@ -1,0 +1,56 @@
+// The progress thread. Asynchronous calls queue here and run in order on one
+// C++ thread; a synchronous call runs on the caller's thread (GIL released)
+// when nothing is queued, and otherwise queues behind the rest and waits, so
+// all calls of a process still run one at a time and in the order they were made.
+#pragma once
+
+#include <condition_variable>
+#include <deque>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+
+namespace dtrain {
+
+class Work {
+ public:
+  // Waits up to `timeout` seconds (< 0: forever). Returns false if still
+  // running; rethrows the call's error if it failed.
+  bool wait(double timeout);
+  bool completed();
+
+ private:
+  friend class Executor;
+  void finish(std::exception_ptr err);
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool done_ = false;
+  std::exception_ptr err_;
+};
+
+class Executor {
+ public:
+  Executor() = default;
+  ~Executor();
+  Executor(const Executor&) = delete;
+  Executor& operator=(const Executor&) = delete;
+
+  std::shared_ptr<Work> submit(std::function<void()> fn);
+  // Runs `fn` now on this thread if the queue is idle, else after what is queued.
+  void run(std::function<void()> fn);
+
+ private:
+  void loop();
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::pair<std::function<void()>, std::shared_ptr<Work>>> queue_;
+  bool busy_ = false;
+  bool stop_ = false;
+  std::thread thread_;
+};
+
+}  // namespace dtrain

@@ -1,0 +1,85 @@
+"""Builds dtrain._C: the C++ core (always) plus CUDA objects when a toolkit is found.
+
+Build flags live here and only here:
+  DTRAIN_CUDA=0        never compile CUDA sources, even with nvcc present
+  DTRAIN_DEBUG=1       -O0 -g, assertions on
+  DTRAIN_SANITIZE=1    AddressSanitizer + UBSan (debugging only; needs LD_PRELOAD of libasan)
+  MAX_JOBS=N           parallel compile jobs (default: all cores)
+"""
+
+import glob
+import os
+import shutil
+import subprocess
+
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
+from setuptools import setup
+
+ParallelCompile("MAX_JOBS", default=os.cpu_count() or 1).install()
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name, default="0"):
+    return os.environ.get(name, default) not in ("", "0", "false", "False", "no")
+
+
+def _cxx_sources():
+    files = glob.glob(os.path.join("csrc", "**", "*.cc"), recursive=True)
+    return sorted(f for f in files if os.sep + "cuda" + os.sep not in f)
+
+
+def _nvcc():
+    """nvcc's path when CUDA sources should be built, else None."""
+    if not _flag("DTRAIN_CUDA", "1"):
+        return None
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    candidates = [os.path.join(home, "bin", "nvcc")] if home else []
+    candidates += [shutil.which("nvcc") or "", "/usr/local/cuda/bin/nvcc"]
+    return next((c for c in candidates if c and os.path.exists(c)), None)
+
+
+class BuildExt(build_ext):
+    """Compiles csrc/**/cuda/*.cu with nvcc (when found) and links them into _C."""
+
+    def build_extension(self, ext):
+        nvcc = _nvcc()
+        cu = sorted(glob.glob(os.path.join("csrc", "**", "cuda", "*.cu"), recursive=True))
+        if nvcc and cu:
+            archs = os.environ.get("DTRAIN_CUDA_ARCHS", "80;90").split(";")
+            gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+            out = os.path.join(self.build_temp, "cuda")
+            os.makedirs(out, exist_ok=True)
+            for src in cu:
+                obj = os.path.join(out, os.path.basename(src) + ".o")
+                cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
+                       "-Icsrc", *gencode]
+                print(" ".join(cmd))
+                subprocess.check_call(cmd)
+                ext.extra_objects.append(obj)
+            cudart = os.path.join(os.path.dirname(os.path.dirname(nvcc)), "lib64")
+            ext.library_dirs.append(cudart)
+            ext.libraries.append("cudart")
+            ext.define_macros.append(("DTRAIN_WITH_CUDA", "1"))
+        super().build_extension(ext)
+
+
+debug = _flag("DTRAIN_DEBUG")
+compile_args = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
+compile_args += ["-fvisibility=hidden", "-Wall", "-Wno-unused-function"]
+link_args = ["-pthread"]
+if _flag("DTRAIN_SANITIZE"):
+    compile_args += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
+    link_args += ["-fsanitize=address,undefined"]
+
+ext = Pybind11Extension(
+    "dtrain._C",
+    _cxx_sources(),
+    include_dirs=[os.path.join(ROOT, "csrc")],
+    cxx_std=17,
+    extra_compile_args=compile_args,
+    extra_link_args=link_args,
+    libraries=["rt"],
+)
+
+setup(ext_modules=[ext], cmdclass={"build_ext": BuildExt})
