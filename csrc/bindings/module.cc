@@ -75,6 +75,7 @@ void loopbackRun(int world, const std::string& op, const std::vector<Ptr>& in, c
         for (int i = 0; i < world; ++i) ranks[i] = i;
         Group g(&mesh, ranks, 0, "loopback", 30.0);
         g.setSmallBytes(smallBytes);
+        g.setCompressWire(true);
         if (op == "allreduce") g.allreduce(P(in[r]), counts[r], dt, redop, wire);
         else if (op == "broadcast") g.broadcast(P(in[r]), counts[r], dt, root);
         else if (op == "allgather") g.allgather(P(in[r]), P(out[r]), counts, dt);
@@ -182,6 +183,10 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("name", [](PyGroup& g) { return g.group->name(); })
       .def_property("timeout", [](PyGroup& g) { return g.group->timeout(); },
                     [](PyGroup& g, double t) { g.group->setTimeout(t); })
+      .def_property("compress_wire", [](PyGroup& g) { return g.group->compressesWire(); },
+                    [](PyGroup& g, bool on) { g.group->setCompressWire(on); },
+                    "Whether compression='fp16'/'bf16' converts on the wire in this group (False when all "
+                    "members share memory on one host, unless DTRAIN_SHM_COMPRESSION=1).")
       .def_property("small_bytes", [](PyGroup& g) { return g.group->smallBytes(); },
                     [](PyGroup& g, uint64_t b) { g.group->setSmallBytes(b); })
       .def("allreduce", [](PyGroup& g, Ptr buf, uint64_t n, DType dt, RedOp op, DType wire, bool async) {

@@ -33,6 +33,12 @@ Group::Group(Mesh* mesh, std::vector<int> ranks, uint32_t id, std::string name, 
     DTRAIN_CHECK(seen.insert(r).second, kConfig, "group rank list names rank ", r, " twice");
     if (r == mesh->rank()) me_ = static_cast<int>(i);
   }
+  // Every member sees the same answer: "all members are on my host" holds on
+  // one member exactly when it holds on all of them.
+  bool allShm = true;
+  for (int r : ranks_) allShm = allShm && mesh->isLocal(r);
+  const char* force = std::getenv("DTRAIN_SHM_COMPRESSION");
+  compressWire_ = !allShm || (force && std::strcmp(force, "0") != 0 && *force);
 }
 
 void Group::requireMember(const char* what) const {
@@ -128,6 +134,7 @@ void Group::allreduce(void* buf, uint64_t count, DType dt, RedOp op, DType wire)
                dtypeName(dt), ": pass compression=None for this tensor");
   Descriptor d = begin(Kind::kAllreduce, dt, count, op, wire);
   if (size() == 1) return;
+  if (!compressWire_) wire = dt;  // the descriptor still carries what the caller asked for
   uint8_t* p = static_cast<uint8_t*>(buf);
   if (count * dtypeSize(wire) <= smallBytes_ || count < static_cast<uint64_t>(size())) {
     DirectAllreduce c(*this, p, count, dt, op, wire, d);
@@ -168,6 +175,7 @@ void Group::reduceScatter(const void* in, void* out, uint64_t count, DType dt, R
   DTRAIN_CHECK(wire == dt || (dt == DType::kFloat32 && isHalf(wire)), kConfig,
                "compression applies to float32 tensors, got ", dtypeName(dt));
   Descriptor d = begin(Kind::kReduceScatter, dt, count * size(), op, wire);
+  if (!compressWire_) wire = dt;
   const size_t dsz = dtypeSize(dt);
   if (size() == 1) {
     std::memcpy(out, in, count * dsz);

@@ -30,6 +30,8 @@ class Group {
   // Allreduces of at most this many wire bytes take the one-hop direct path.
   uint64_t smallBytes() const { return smallBytes_; }
   void setSmallBytes(uint64_t b) { smallBytes_ = b; }
+  bool compressesWire() const { return compressWire_; }
+  void setCompressWire(bool on) { compressWire_ = on; }
   Mesh& mesh() { return *mesh_; }
 
   // In place on `buf`. `wire` != dtype sends fp16/bf16 and accumulates in float32.
@@ -68,6 +70,9 @@ class Group {
   double timeout_;
   uint64_t seq_ = 0;
   uint64_t smallBytes_;
+  // Half-precision wire pays only where a link, not memory, is the bottleneck:
+  // false when every member shares this host's memory (DTRAIN_SHM_COMPRESSION=1 forces true).
+  bool compressWire_ = true;
   std::vector<uint8_t> scratch_;
 };
 

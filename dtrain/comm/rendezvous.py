@@ -86,7 +86,7 @@ def from_environ(env: Mapping[str, str] = os.environ) -> Env:
     e.token = env.get("DTRAIN_JOB_TOKEN", "")
     e.host_id = env.get("DTRAIN_HOST_ID", "")
     if e.rank == 0 and env.get("DTRAIN_STORE_FD"):
-        e.store_fd = _int(env, "DTRAIN_STORE_FD")
+        e.store_fd = _listening_fd(_int(env, "DTRAIN_STORE_FD"))
     if e.world_size > 1 and (addr is None or port is None):
         if e.launcher in ("openmpi", "mpich"):
             return _bootstrap_over_mpi(e)
@@ -103,6 +103,20 @@ def from_environ(env: Mapping[str, str] = os.environ) -> Env:
                           "export the same random DTRAIN_JOB_TOKEN on every rank (dtrain-run does this)",
                           stacklevel=3)
     return e
+
+
+def _listening_fd(fd: int) -> int:
+    """Checks that the launcher's DTRAIN_STORE_FD is a listening TCP socket in this process."""
+    try:
+        s = socket.socket(fileno=fd)
+        ok = s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+        s.detach()
+    except OSError:
+        ok = False
+    if not ok:
+        raise ConfigError(f"DTRAIN_STORE_FD={fd} is not a listening socket in this process: it is set only by "
+                          "dtrain-run for rank 0; unset it when starting ranks yourself")
+    return fd
 
 
 def _bootstrap_over_mpi(e: Env) -> Env:

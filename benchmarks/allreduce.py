@@ -1,0 +1,247 @@
+"""Allreduce bandwidth and latency: dtrain native (fp32, fp16 wire, bf16 wire) against
+torch.distributed gloo and Open MPI (mpi4py), in one run on one machine.
+
+    python benchmarks/allreduce.py                    # 2 ranks, 4 KiB .. 256 MiB
+    python benchmarks/allreduce.py --quick --out bench-out
+    python benchmarks/allreduce.py --ranks 3 --peers dtrain,gloo
+
+Figures follow nccl-tests: algbw = bytes / time, busbw = algbw * 2(n-1)/n, where
+bytes is the float32 tensor size (also for the fp16/bf16 wire variants, whose
+result is float32). Each size reports the median over trials of back-to-back
+calls, on random data. Writes allreduce.json, allreduce.md and allreduce.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20]
+QUICK_SIZES = [4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20]
+
+
+def fmt_size(b: int) -> str:
+    return f"{b >> 20} MiB" if b >= 1 << 20 else f"{b >> 10} KiB"
+
+
+def trials_for(nbytes: int, quick: bool):
+    """(calls per trial, trials): enough calls that a trial lasts tens of ms."""
+    calls = max(2, min(2000, (256 << 20) // max(nbytes, 1) // (8 if quick else 2)))
+    return calls, (3 if quick else 7)
+
+
+def time_sizes(call, barrier, sizes, quick, make):
+    """Median seconds per call for each size; `make(n)` builds the tensor."""
+    out = {}
+    for nbytes in sizes:
+        t = make(nbytes // 4)
+        calls, trials = trials_for(nbytes, quick)
+        for _ in range(min(calls, 20)):  # warm-up: page faults, connections, caches
+            call(t)
+        samples = []
+        for _ in range(trials):
+            barrier()
+            start = time.perf_counter()
+            for _ in range(calls):
+                call(t)
+            samples.append((time.perf_counter() - start) / calls)
+        out[nbytes] = statistics.median(samples)
+    return out
+
+
+# ---------------------------------------------------------------- workers
+
+
+def worker_dtrain(sizes, quick, compression):
+    import torch
+    import dtrain
+    torch.set_num_threads(1)
+    dtrain.init(timeout=120)
+    res = time_sizes(lambda t: dtrain.allreduce(t, compression=compression), dtrain.barrier, sizes, quick,
+                     lambda n: torch.randn(n))
+    dtrain.shutdown()
+    return res
+
+
+def worker_gloo(sizes, quick, half):
+    import torch
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    if os.environ.get("DTRAIN_STORE_FD"):  # free the launcher's port for gloo's own TCPStore
+        os.close(int(os.environ.pop("DTRAIN_STORE_FD")))
+    dist.init_process_group("gloo")
+    dtype = torch.float16 if half else torch.float32
+    res = time_sizes(lambda t: dist.all_reduce(t), dist.barrier, sizes, quick,
+                     lambda n: torch.randn(n).to(dtype))
+    dist.destroy_process_group()
+    return res
+
+
+def worker_mpi(sizes, quick):
+    import numpy as np
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    res = time_sizes(lambda t: comm.Allreduce(MPI.IN_PLACE, t, op=MPI.SUM), comm.Barrier, sizes, quick,
+                     lambda n: np.random.default_rng(comm.rank).standard_normal(n, dtype=np.float32))
+    return res if comm.rank == 0 else None
+
+
+def _spawned(kind, sizes, quick):
+    if kind == "dtrain":
+        return worker_dtrain(sizes, quick, None)
+    if kind == "dtrain-fp16":
+        return worker_dtrain(sizes, quick, "fp16")
+    if kind == "dtrain-bf16":
+        return worker_dtrain(sizes, quick, "bf16")
+    if kind == "gloo":
+        return worker_gloo(sizes, quick, False)
+    if kind == "gloo-fp16":
+        return worker_gloo(sizes, quick, True)
+    raise ValueError(kind)
+
+
+# ---------------------------------------------------------------- driver
+
+
+def run_peer(kind, ranks, sizes, quick, log):
+    """Seconds per call by size for one peer, or None with a reason."""
+    if kind == "mpi":
+        mpirun = shutil.which("mpirun")
+        try:
+            import mpi4py  # noqa: F401
+        except ImportError:
+            return None, "mpi4py is not installed (pip install 'dtrain[mpi]')"
+        if not mpirun:
+            return None, "mpirun is not on PATH (apt-get install openmpi-bin libopenmpi-dev)"
+        out = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"dtrain-bench-mpi-{os.getpid()}.json")
+        cmd = [mpirun, "--allow-run-as-root", "--oversubscribe", "-np", str(ranks), "--bind-to", "core",
+               sys.executable, __file__, "--mpi-worker", out, "--sizes", ",".join(map(str, sizes))]
+        if quick:
+            cmd.append("--quick")
+        env = dict(os.environ, OMPI_MCA_btl_vader_single_copy_mechanism="none")
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            return None, f"mpirun failed: {proc.stderr.strip()[-300:]}"
+        with open(out) as f:
+            res = {int(k): v for k, v in json.load(f).items()}
+        os.unlink(out)
+        return res, None
+    import dtrain.launch
+    log(f"  {kind}: {ranks} ranks ...")
+    res = dtrain.launch.run(_spawned, nprocs=ranks, args=(kind, sizes, quick), timeout=1800)
+    return res[0], None
+
+
+def markdown(table, peers, ranks):
+    head = "| size | " + " | ".join(f"{p} time | {p} busbw" for p in peers) + " |"
+    lines = [head, "|" + "---|" * (1 + 2 * len(peers))]
+    for nbytes in sorted(table):
+        cells = []
+        for p in peers:
+            r = table[nbytes].get(p)
+            cells += ["n/a", "n/a"] if r is None else [f"{r['time_us']:.1f} us", f"{r['busbw_gbs']:.2f} GB/s"]
+        lines.append(f"| {fmt_size(nbytes)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ratios(table, ranks):
+    lines = ["", "| size | dtrain/gloo busbw | dtrain/mpi busbw | fp16/fp32 time | bf16/fp32 time |",
+             "|---|---|---|---|---|"]
+    for nbytes in sorted(table):
+        row = table[nbytes]
+
+        def ratio(a, b, key="busbw_gbs"):
+            return f"{row[a][key] / row[b][key]:.2f}x" if row.get(a) and row.get(b) else "n/a"
+
+        lines.append(f"| {fmt_size(nbytes)} | {ratio('dtrain', 'gloo')} | {ratio('dtrain', 'mpi')} | "
+                     f"{ratio('dtrain-fp16', 'dtrain', 'time_us')} | {ratio('dtrain-bf16', 'dtrain', 'time_us')} |")
+    return "\n".join(lines)
+
+
+def plot(table, peers, ranks, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    sizes = sorted(table)
+    for p in peers:
+        xs = [s for s in sizes if table[s].get(p)]
+        if not xs:
+            continue
+        a.plot(xs, [table[s][p]["busbw_gbs"] for s in xs], marker="o", label=p)
+        b.plot(xs, [table[s][p]["time_us"] for s in xs], marker="o", label=p)
+    for ax, label in ((a, "busbw (GB/s)"), (b, "time per call (us)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tensor size (bytes, float32)")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    b.set_yscale("log")
+    fig.suptitle(f"allreduce, {ranks} ranks, one host")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--peers", default="dtrain,dtrain-fp16,dtrain-bf16,gloo,gloo-fp16,mpi")
+    ap.add_argument("--sizes", default=None, help="comma-separated byte counts")
+    ap.add_argument("--quick", action="store_true", help="fewer sizes and trials (CI smoke run)")
+    ap.add_argument("--out", default="bench-out")
+    ap.add_argument("--mpi-worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else (QUICK_SIZES if args.quick else SIZES)
+
+    if args.mpi_worker:
+        res = worker_mpi(sizes, args.quick)
+        if res is not None:
+            with open(args.mpi_worker, "w") as f:
+                json.dump(res, f)
+        return
+
+    peers = [p for p in args.peers.split(",") if p]
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    log(f"allreduce benchmark: {args.ranks} ranks, sizes {fmt_size(sizes[0])}..{fmt_size(sizes[-1])}")
+    table = {s: {} for s in sizes}
+    notes = {}
+    for p in peers:
+        log(f"running {p}")
+        res, why = run_peer(p, args.ranks, sizes, args.quick, log)
+        if res is None:
+            notes[p] = why
+            log(f"  {p} skipped: {why}")
+            continue
+        for s, sec in res.items():
+            algbw = s / sec / 1e9
+            table[s][p] = {"time_us": sec * 1e6, "algbw_gbs": algbw,
+                           "busbw_gbs": algbw * 2 * (args.ranks - 1) / args.ranks}
+    os.makedirs(args.out, exist_ok=True)
+    md = f"## allreduce, {args.ranks} ranks (median time per call; busbw per nccl-tests)\n\n"
+    md += markdown(table, peers, args.ranks) + "\n" + ratios(table, args.ranks) + "\n"
+    for p, why in notes.items():
+        md += f"\n- {p}: not measured: {why}"
+    print(md)
+    with open(os.path.join(args.out, "allreduce.md"), "w") as f:
+        f.write(md + "\n")
+    with open(os.path.join(args.out, "allreduce.json"), "w") as f:
+        json.dump({"ranks": args.ranks, "results": {str(k): v for k, v in table.items()}, "notes": notes},
+                  f, indent=1)
+    if plot(table, peers, args.ranks, os.path.join(args.out, "allreduce.png")):
+        log(f"wrote {args.out}/allreduce.png")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(HERE))
+    main()

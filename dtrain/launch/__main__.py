@@ -1,0 +1,3 @@
+from dtrain.launch.cli import main
+
+main()

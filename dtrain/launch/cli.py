@@ -1,0 +1,65 @@
+"""dtrain-run: start a script or command on N local processes with the env contract.
+
+    dtrain-run -n 4 train.py --lr 0.1      # a .py file runs with this Python
+    dtrain-run -n 2 python train.py        # any other command runs as given
+    dtrain-run -n 2 -m package.module      # like python -m
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from typing import List, Optional
+
+from dtrain.launch.local import LocalJob
+
+
+def build_command(args: argparse.Namespace) -> List[str]:
+    if args.module:
+        return [sys.executable, "-m", args.module, *args.command]
+    if not args.command:
+        raise SystemExit("dtrain-run: nothing to run: give a script (train.py), a command, or -m module")
+    first = args.command[0]
+    if first.endswith(".py"):
+        return [sys.executable, *args.command]
+    return list(args.command)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dtrain-run", description="Run a training script on N processes with dtrain's env contract.",
+        epilog="Every output line is prefixed with its rank. When one rank fails, the others are stopped "
+               "within seconds and the launcher exits with that rank's status.")
+    p.add_argument("-n", "--np", "--nproc", dest="nprocs", type=int, default=1,
+                   help="number of processes (default 1)")
+    p.add_argument("-m", dest="module", help="run a module, as python -m does")
+    p.add_argument("--no-prefix", action="store_true", help="do not prefix output lines with the rank")
+    p.add_argument("--timeout", type=float, default=None, help="stop the job after this many seconds")
+    p.add_argument("--grace", type=float, default=3.0,
+                   help="seconds between SIGTERM and SIGKILL when stopping ranks (default 3)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="script.py [args] | command [args]")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    if args.nprocs < 1:
+        raise SystemExit(f"dtrain-run: -n must be at least 1, got {args.nprocs}")
+    job = LocalJob(build_command(args), args.nprocs, prefix=not args.no_prefix, grace=args.grace)
+
+    def forward(signum, _frame):
+        # Ctrl-C (or a scheduler's SIGTERM) stops everyone, not just the launcher.
+        sys.stderr.write(f"dtrain-run: got {signal.Signals(signum).name}, stopping all ranks\n")
+        job.kill_all(signum)
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    job.start()
+    code = job.wait(timeout=args.timeout)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
