@@ -81,12 +81,27 @@ void Group::enter(Collective& c) {
     mesh_->board().enter(mesh_->rank(), id_, gslot_, c.desc.seq);
 }
 
+namespace {
+
+// Where each unfinished stream stands, for whoever debugs a stall.
+std::string legProgress(const Group& g, const Collective& c) {
+  std::ostringstream legs;
+  for (auto* ls : {&c.outs, &c.ins})
+    for (const Leg& l : *ls)
+      if (!l.finished())
+        legs << " [" << (ls == &c.outs ? "to " : "from ") << g.globalRank(l.peer) << ": " << l.done << "/"
+             << l.total << " bytes " << l.pair->debugState() << "]";
+  return legs.str();
+}
+
+}  // namespace
+
 void Group::checkHealth(Collective& c, double idleSeconds) {
   Board& board = mesh_->board();
   int who;
   std::string why;
   if (board.valid() && board.aborted(&who, &why) && who != mesh_->rank())
-    DTRAIN_THROW(kComm, "rank ", who, " aborted: ", why);
+    DTRAIN_THROW(kComm, "rank ", who, " aborted: ", why, " (this rank's streams:", legProgress(*this, c), ")");
   for (auto* legs : {&c.ins, &c.outs})
     for (Leg& l : *legs)
       if (!l.finished()) l.pair->checkPeer();
@@ -110,10 +125,11 @@ void Group::checkHealth(Collective& c, double idleSeconds) {
   }
   int i = 0;
   for (int r : stalled) waiting << (i++ ? ", " : "") << r << (mesh_->isLocal(r) ? "" : " (remote)");
+
   DTRAIN_THROW(kTimeout, c.describe(), " in group ", name_, " timed out on rank ", mesh_->rank(),
                " after ", timeout_, " s without progress: ",
                nMissing ? "rank(s) " + missing.str() + " did not arrive; " : std::string(),
-               "still waiting on rank(s) ", waiting.str(),
+               "still waiting on rank(s) ", waiting.str(), legProgress(*this, c),
                ". If a rank is legitimately slow, raise dtrain.init(timeout=...)");
 }
 

@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 namespace dtrain {
 
@@ -18,11 +19,15 @@ struct alignas(64) RingHeader {
 static_assert(std::atomic<uint64_t>::is_always_lock_free,
               "shared-memory rings need lock-free 64-bit atomics");
 
-// Capacity must be a power of two and a multiple of 64. Positions stay
-// 8-byte aligned across collectives (each stream is padded), so a contiguous
-// span always holds whole elements.
+// Capacity must be a power of two and a multiple of 64. Streams start 8-byte
+// aligned (each is padded), but inside a stream positions are only aligned to
+// its element size, so a stale cached counter can show a few bytes that hold
+// no whole element of the next stream: both sides re-read the shared counter
+// whenever the cached view offers less than kRefresh bytes, never only at zero.
 class RingChannel {
  public:
+  static constexpr uint64_t kRefresh = 64;
+
   RingChannel() = default;
   RingChannel(RingHeader* hdr, uint8_t* data, size_t cap) : hdr_(hdr), data_(data), cap_(cap) {}
 
@@ -32,7 +37,7 @@ class RingChannel {
   size_t writable(uint8_t** out) {
     uint64_t head = hdr_->head.load(std::memory_order_relaxed);
     uint64_t space = cap_ - (head - cachedTail_);
-    if (space == 0) {
+    if (space < kRefresh) {
       cachedTail_ = hdr_->tail.load(std::memory_order_acquire);
       space = cap_ - (head - cachedTail_);
       if (space == 0) return 0;
@@ -50,7 +55,7 @@ class RingChannel {
   size_t readable(const uint8_t** out) {
     uint64_t tail = hdr_->tail.load(std::memory_order_relaxed);
     uint64_t avail = cachedHead_ - tail;
-    if (avail == 0) {
+    if (avail < kRefresh) {
       cachedHead_ = hdr_->head.load(std::memory_order_acquire);
       avail = cachedHead_ - tail;
       if (avail == 0) return 0;
@@ -65,6 +70,10 @@ class RingChannel {
   }
 
   size_t capacity() const { return cap_; }
+  std::string debugState() const {
+    return "head=" + std::to_string(hdr_->head.load()) + " tail=" + std::to_string(hdr_->tail.load()) +
+           " cachedHead=" + std::to_string(cachedHead_) + " cachedTail=" + std::to_string(cachedTail_);
+  }
 
  private:
   RingHeader* hdr_ = nullptr;

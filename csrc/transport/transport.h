@@ -48,6 +48,9 @@ class Pair {
   // memory has none: waiting there is a spin/yield/sleep backoff).
   virtual int pollFd() const { return -1; }
 
+  // Counters worth printing when a call stalls.
+  virtual std::string debugState() const { return ""; }
+
   // "shm", "tcp" or "loopback", for messages and stats.
   virtual const char* kind() const = 0;
 

@@ -16,6 +16,7 @@ class ShmPair : public Pair {
   size_t recv(size_t max, Drainer& drain) override;
   void checkPeer() override;
   const char* kind() const override { return "shm"; }
+  std::string debugState() const override { return "out{" + out_.debugState() + "} in{" + in_.debugState() + "}"; }
 
  private:
   int peerPid_;

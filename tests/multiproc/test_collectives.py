@@ -1,0 +1,36 @@
+"""Real ranks over shared memory and TCP: every collective against a float64 reference."""
+
+import pytest
+
+from tests.multiproc import workers
+from tests.multiproc.harness import ranks
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_all_collectives(world, transport):
+    # DTRAIN_SHM_COMPRESSION=1 makes compression convert on shared memory too, so the wire path is tested.
+    env = {"DTRAIN_TRANSPORT": transport, "DTRAIN_SHM_COMPRESSION": "1"}
+    results = ranks(workers.all_collectives, world, 11 * world, env=env, timeout=280)
+    digests = [d for d, _ in results]
+    assert all(d == digests[0] for d in digests), "ranks hold different results"
+    for _, transports in results:
+        assert transports == [transport]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_layouts_async_and_groups(world):
+    assert ranks(workers.layouts_and_async, world, timeout=100) == list(range(world))
+
+
+@pytest.mark.timeout(120)
+def test_bad_input_raises_config_error_naming_the_fix():
+    results = ranks(workers.bad_inputs, 2, timeout=100)
+    for messages in results:
+        assert None not in messages, messages
+        joined = "\n".join(messages)
+        for needle in ("complex64", "bool", "median", "floating-point", "float32 tensors", "int4",
+                       "meta", "torch.Tensor", "root 99", "divisible", "splits"):
+            assert needle in joined, needle

@@ -1,0 +1,141 @@
+"""Functions that run on every rank of a multi-process test (importable, for spawn)."""
+
+import hashlib
+import os
+
+import torch
+
+import dtrain
+from tests.reference import DTYPES, OPS, check, rank_input
+
+SIZES = [0, 1, 7, 1000003]
+
+
+def digest(t):
+    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def all_collectives(seed):
+    """Every collective, dtype and size against a float64 reference built from every rank's seeded input.
+
+    Returns digests of the results so the test can check that all ranks agree bit for bit.
+    """
+    torch.set_num_threads(1)
+    dtrain.init(timeout=60)
+    r, n = dtrain.rank(), dtrain.world_size()
+    digests = []
+    for dtype in DTYPES:
+        for op in OPS:
+            if op == "avg" and not dtype.is_floating_point:
+                continue
+            sizes = SIZES if dtype in (torch.float32, torch.int64) else [0, 1, 7, 4099]
+            for size in sizes:
+                inputs = [rank_input(seed + size, j, dtype, size, op) for j in range(n)]
+                got = dtrain.allreduce(inputs[r].clone(), op=op)
+                check(got, inputs, op, dtype, what=f"allreduce {dtype} {op} n={size}")
+                digests.append(digest(got))
+    for size in SIZES:
+        for compression in ("fp16", "bf16"):
+            inputs = [rank_input(seed + 1, j, torch.float32, size, "sum") for j in range(n)]
+            got = dtrain.allreduce(inputs[r].clone(), compression=compression)
+            check(got, inputs, "sum", torch.float32, compression=compression, what=f"{compression} n={size}")
+            digests.append(digest(got))
+        for root in range(n):
+            t = rank_input(seed + root, r, torch.float64, size, "sum")
+            dtrain.broadcast(t, root=root)
+            assert torch.equal(t, rank_input(seed + root, root, torch.float64, size, "sum"))
+        # allgather with a different row count on every rank, 2-D rows
+        rows = [(size + j) % 5 + j for j in range(n)]
+        mine = torch.full((rows[r], 3), r, dtype=torch.int32)
+        out = dtrain.allgather(mine)
+        assert torch.equal(out, torch.cat([torch.full((rows[j], 3), j, dtype=torch.int32) for j in range(n)]))
+        rs_in = [rank_input(seed, j, torch.float32, size * n, "sum").reshape(n, size) for j in range(n)]
+        got = dtrain.reduce_scatter(rs_in[r].clone())
+        assert got.shape == (1, size)
+        check(got[0], [x[r] for x in rs_in], "sum", torch.float32, what=f"reduce_scatter n={size}")
+        splits = [(size + r + j) % 4 for j in range(n)]
+        src = torch.arange(sum(splits), dtype=torch.int64) + 1000 * r
+        got = dtrain.alltoall(src, splits=splits)
+        expect = []
+        for j in range(n):
+            their = [(size + j + k) % 4 for k in range(n)]
+            start = sum(their[:r])
+            expect.append(torch.arange(sum(their), dtype=torch.int64)[start:start + their[r]] + 1000 * j)
+        assert torch.equal(got, torch.cat(expect))
+    # point to point around the ring, odd size
+    nxt, prv = (r + 1) % n, (r - 1) % n
+    if r % 2 == 0:
+        dtrain.send(torch.full((7,), float(r)), nxt)
+        got = dtrain.recv(torch.empty(7), prv)
+    else:
+        got = dtrain.recv(torch.empty(7), prv)
+        dtrain.send(torch.full((7,), float(r)), nxt)
+    assert torch.equal(got, torch.full((7,), float(prv)))
+    dtrain.barrier()
+    transports = sorted({dtrain.comm.group.current().world.transport_to(j) for j in range(n) if j != r})
+    dtrain.shutdown()
+    return digests, transports
+
+
+def layouts_and_async():
+    """Non-contiguous tensors, async ops in flight together, and sub-groups."""
+    dtrain.init(timeout=60)
+    r, n = dtrain.rank(), dtrain.world_size()
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6) * (r + 1)
+    view = base.t()  # not contiguous
+    assert not view.is_contiguous()
+    dtrain.allreduce(view)
+    total = sum(j + 1 for j in range(n))
+    assert torch.equal(base, torch.arange(24, dtype=torch.float32).reshape(4, 6) * total)
+    works = [dtrain.allreduce(torch.full((1000 + k,), float(k + r)), async_op=True) for k in range(5)]
+    for k, w in enumerate(works):
+        out = w.wait(timeout=30)
+        assert torch.equal(out, torch.full((1000 + k,), float(k * n + sum(range(n)))))
+        assert w.is_completed()
+    evens = dtrain.new_group([j for j in range(n) if j % 2 == 0])
+    odds = dtrain.new_group([j for j in range(n) if j % 2 == 1])
+    mine = evens if r % 2 == 0 else odds
+    t = dtrain.allreduce(torch.tensor([float(r)]), group=mine)
+    assert t.item() == sum(j for j in mine.ranks), (t, mine)
+    other = odds if r % 2 == 0 else evens
+    if other.size > 0 and r not in other.ranks:
+        try:
+            dtrain.allreduce(torch.ones(1), group=other)
+            raise AssertionError("a non-member call must raise")
+        except dtrain.ConfigError as e:
+            assert "not in it" in str(e)
+    b = torch.full((3,), float(r))
+    dtrain.broadcast(b, root=mine.size - 1, group=mine)
+    assert torch.equal(b, torch.full((3,), float(mine.ranks[-1])))
+    dtrain.shutdown()
+    return r
+
+
+def bad_inputs():
+    """Typed errors that say what to do; none of them may break the job."""
+    dtrain.init(timeout=30)
+    caught = []
+    for call in (lambda: dtrain.allreduce(torch.ones(3, dtype=torch.complex64)),
+                 lambda: dtrain.allreduce(torch.ones(3, dtype=torch.bool)),
+                 lambda: dtrain.allreduce(torch.ones(3), op="median"),
+                 lambda: dtrain.allreduce(torch.ones(3, dtype=torch.int32), op="avg"),
+                 lambda: dtrain.allreduce(torch.ones(3, dtype=torch.int32), compression="fp16"),
+                 lambda: dtrain.allreduce(torch.ones(3), compression="int4"),
+                 lambda: dtrain.allreduce(torch.ones(3, device="meta")),
+                 lambda: dtrain.allreduce([1.0, 2.0]),
+                 lambda: dtrain.broadcast(torch.ones(3), root=99),
+                 lambda: dtrain.reduce_scatter(torch.ones(3)),
+                 lambda: dtrain.alltoall(torch.ones(3), splits=[1, 1, 1, 1, 1])):
+        try:
+            call()
+            caught.append(None)
+        except dtrain.ConfigError as e:
+            caught.append(str(e))
+    ok = dtrain.allreduce(torch.ones(2))  # the job goes on
+    assert torch.equal(ok, torch.full((2,), float(dtrain.world_size())))
+    dtrain.shutdown()
+    return caught
+
+
+def env_flag(name):
+    return os.environ.get(name)
