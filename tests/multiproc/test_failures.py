@@ -1,0 +1,106 @@
+"""Failure behaviour with real processes: dead ranks, late ranks, mismatched calls, bad tokens."""
+
+import re
+
+import pytest
+
+from tests.multiproc.harness import script
+
+HEADER = """
+import os, socket, sys, time, torch, dtrain
+"""
+
+
+@pytest.mark.timeout(60)
+def test_dead_rank_mid_collective_named_within_10s_and_launcher_exits_within_15s(tmp_path):
+    rc, out, err, secs = script(tmp_path, HEADER + """
+dtrain.init(timeout=60)
+big = torch.ones(16 << 20)
+if dtrain.rank() == 1:
+    work = dtrain.allreduce(big, async_op=True)   # in flight, then this rank dies
+    time.sleep(0.05)
+    os.kill(os.getpid(), 9)
+start = time.monotonic()
+try:
+    dtrain.allreduce(big)
+    dtrain.allreduce(big)
+    print("NO ERROR")
+except dtrain.CommError as e:
+    print(f"CAUGHT {type(e).__name__} after {time.monotonic() - start:.1f}s: {e}")
+    sys.exit(3)
+""", 3, "--grace", "5")
+    assert rc != 0
+    assert secs < 15, secs
+    caught = [line for line in out.splitlines() if "CAUGHT" in line]
+    assert caught, out + err
+    for line in caught:
+        assert "rank 1" in line, line
+        assert float(re.search(r"after ([0-9.]+)s", line).group(1)) < 10
+    assert "rank 1 failed (killed by SIGKILL)" in err or "failed" in err
+
+
+@pytest.mark.timeout(60)
+def test_rank_that_never_arrives_times_out_naming_op_size_and_rank(tmp_path):
+    rc, out, err, secs = script(tmp_path, HEADER + """
+dtrain.init(timeout=2)
+if dtrain.rank() == 2:
+    time.sleep(20)
+    sys.exit(0)
+start = time.monotonic()
+try:
+    dtrain.allreduce(torch.ones(1000))
+except dtrain.CommTimeout as e:
+    print(f"TIMEOUT after {time.monotonic() - start:.1f}s: {e}")
+    sys.exit(4)
+""", 3, "--grace", "1")
+    lines = [line for line in out.splitlines() if "TIMEOUT" in line]
+    assert lines, out + err
+    first = lines[0]
+    assert "allreduce" in first and "4000 bytes" in first and "2 (last entered call" in first, first
+    assert float(re.search(r"after ([0-9.]+)s", first).group(1)) < 6
+    assert rc != 0  # 4 from a rank that timed out, 1 from one that saw its abort first
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("kind", ["size", "dtype", "op"])
+def test_mismatched_calls_raise_quoting_both_sides(tmp_path, world, kind):
+    rc, out, err, secs = script(tmp_path, HEADER + f"""
+dtrain.init(timeout=20)
+odd = dtrain.rank() == 1
+kind = {kind!r}
+t = torch.ones(12 if (odd and kind == "size") else 10, dtype=torch.float64 if (odd and kind == "dtype") else torch.float32)
+try:
+    dtrain.allreduce(t, op="max" if (odd and kind == "op") else "sum")
+    print("NO ERROR")
+except dtrain.CommError as e:
+    print(f"MISMATCH {{e}}")
+""", world)
+    assert secs < 20
+    lines = [line for line in out.splitlines() if "MISMATCH" in line]
+    assert len(lines) == world, out + err
+    quoted = {"size": ("count=10", "count=12"), "dtype": ("float32", "float64"), "op": ("op=sum", "op=max")}[kind]
+    assert any(all(q in line for q in quoted) for line in lines), lines
+
+
+@pytest.mark.timeout(60)
+def test_connection_without_the_token_is_refused_and_the_job_goes_on(tmp_path):
+    rc, out, err, secs = script(tmp_path, HEADER + """
+dtrain.init(timeout=20)
+if dtrain.rank() == 0:
+    s = socket.create_connection(("127.0.0.1", int(os.environ["DTRAIN_MASTER_PORT"])))
+    hello = s.recv(40)
+    assert hello[:4] == b"DTRN"
+    s.sendall(os.urandom(64))            # a nonce and a proof made without the token
+    assert s.recv(32) == b""             # refused: the server closes without proving itself
+    s.close()
+    time.sleep(0.2)
+    print("REFUSED", dtrain.comm.group.current().world.refused_connections)
+dtrain.barrier()
+t = dtrain.allreduce(torch.ones(3))
+print("RESULT", t.tolist())
+""", 2)
+    assert rc == 0, out + err
+    assert "REFUSED 1" in out
+    assert out.count("RESULT [2.0, 2.0, 2.0]") == 2
+    assert "refused a rendezvous connection" in err and "DTRAIN_JOB_TOKEN" in err
