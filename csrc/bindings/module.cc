@@ -62,8 +62,9 @@ std::vector<std::unique_ptr<Pair>> loopbackPairs(LoopbackFabric* fabric, int ran
 // Runs one collective on `world` threads over the loopback fake. Buffers are
 // per rank; `counts` is per rank for allgather and alltoall (equal blocks).
 void loopbackRun(int world, const std::string& op, const std::vector<Ptr>& in, const std::vector<Ptr>& out,
-                 const std::vector<uint64_t>& counts, DType dt, RedOp redop, DType wire, int root,
-                 size_t ringBytes, uint64_t smallBytes) {
+                 const std::vector<uint64_t>& counts, DType dt, RedOp redop, std::optional<DType> wireOpt,
+                 int root, size_t ringBytes, uint64_t smallBytes) {
+  const DType wire = wireOpt.value_or(dt);
   LoopbackFabric fabric(world, ringBytes);
   std::vector<std::exception_ptr> errors(world);
   std::vector<std::thread> threads;
@@ -225,7 +226,7 @@ PYBIND11_MODULE(_C, m) {
 
   // ---- testing and kernel entry points ----
   m.def("loopback_run", &loopbackRun, py::arg("world"), py::arg("op"), py::arg("inputs"), py::arg("outputs"),
-        py::arg("counts"), py::arg("dtype"), py::arg("redop") = RedOp::kSum, py::arg("wire") = DType::kFloat32,
+        py::arg("counts"), py::arg("dtype"), py::arg("redop") = RedOp::kSum, py::arg("wire") = py::none(),
         py::arg("root") = 0, py::arg("ring_bytes") = size_t(1) << 16, py::arg("small_bytes") = uint64_t(0),
         Release(),
         "Runs one collective on `world` threads over the in-process loopback transport (unit tests). "

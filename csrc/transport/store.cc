@@ -2,6 +2,7 @@
 
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "common/error.h"
@@ -65,14 +66,23 @@ void StoreServer::acceptLoop() {
 }
 
 void StoreServer::serve(int fd, std::string peer) {
+  // Forget the fd before the socket closes it, so stop() never shuts down a reused number.
+  struct Forget {
+    StoreServer* self;
+    int fd;
+    ~Forget() {
+      std::lock_guard<std::mutex> g(self->mu_);
+      auto& c = self->clients_;
+      c.erase(std::remove(c.begin(), c.end(), fd), c.end());
+    }
+  };
   Socket s(fd);
+  Forget forget{this, fd};
   std::string why;
   if (!authenticateAsServer(s, token_, "store", deadlineIn(10.0), &why)) {
     ++refused_;
     logWarning("refused a rendezvous connection from ", peer, ": ", why,
                " (it does not hold this job's DTRAIN_JOB_TOKEN); the job goes on");
-    std::lock_guard<std::mutex> g(mu_);
-    ::shutdown(fd, SHUT_RDWR);
     return;
   }
   const Deadline forever = Clock::now() + std::chrono::hours(24 * 365);

@@ -5,8 +5,6 @@ import os
 import pytest
 import torch
 
-from tests.multiproc import workers  # noqa: F401  (same import path as the CPU tests)
-
 
 def require_gpu():
     if torch.cuda.is_available():
