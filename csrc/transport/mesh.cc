@@ -92,7 +92,10 @@ Mesh::Mesh(const MeshOptions& o) : opts_(o) {
   if (const char* s = std::getenv("DTRAIN_SPIN")) spinLimit_ = std::strtoull(s, nullptr, 10);
 
   // Names are private to this job: derived from the token, which only its ranks hold.
-  Digest h = sha256((o.token + "|" + hostId_).data(), o.token.size() + 1 + hostId_.size());
+  // The leader rank is part of the name: with DTRAIN_TRANSPORT=tcp every rank is alone on its
+  // "host" although the host ids match, and each needs a board of its own.
+  const std::string seed = o.token + "|" + hostId_ + "|" + std::to_string(localRanks_[0]);
+  Digest h = sha256(seed.data(), seed.size());
   std::string prefix = "/dtrain-" + toHex(h.data(), 10);
   // Every rank gets a board (also ranks alone on their host) so the code has one path.
   std::string boardName = prefix + "-board";
