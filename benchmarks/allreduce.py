@@ -39,33 +39,45 @@ def trials_for(nbytes: int, quick: bool):
 
 def time_sizes(call, barrier, sizes, quick, make):
     """Median seconds per call for each size; `make(n)` builds the tensor."""
-    out = {}
+    return time_interleaved({"x": call}, barrier, sizes, quick, make)["x"]
+
+
+def time_interleaved(calls, barrier, sizes, quick, make):
+    """Median seconds per call for each variant and size. The variants' trials alternate
+    (trial k of each before trial k+1 of any), so a slow spell of the machine hits all alike."""
+    out = {name: {} for name in calls}
     for nbytes in sizes:
         t = make(nbytes // 4)
-        calls, trials = trials_for(nbytes, quick)
-        for _ in range(min(calls, 20)):  # warm-up: page faults, connections, caches
-            call(t)
-        samples = []
-        for _ in range(trials):
-            barrier()
-            start = time.perf_counter()
-            for _ in range(calls):
+        reps, trials = trials_for(nbytes, quick)
+        for call in calls.values():
+            for _ in range(min(reps, 20)):  # warm-up: page faults, connections, caches
                 call(t)
-            samples.append((time.perf_counter() - start) / calls)
-        out[nbytes] = statistics.median(samples)
+        samples = {name: [] for name in calls}
+        for _ in range(trials):
+            for name, call in calls.items():
+                barrier()
+                start = time.perf_counter()
+                for _ in range(reps):
+                    call(t)
+                samples[name].append((time.perf_counter() - start) / reps)
+        for name in calls:
+            out[name][nbytes] = statistics.median(samples[name])
     return out
 
 
 # ---------------------------------------------------------------- workers
 
+DTRAIN_VARIANTS = {"dtrain": None, "dtrain-fp16": "fp16", "dtrain-bf16": "bf16"}
 
-def worker_dtrain(sizes, quick, compression):
+
+def worker_dtrain(sizes, quick, variants):
+    """All requested dtrain variants in one job, trials interleaved (same processes, same memory)."""
     import torch
     import dtrain
     torch.set_num_threads(1)
     dtrain.init(timeout=120)
-    res = time_sizes(lambda t: dtrain.allreduce(t, compression=compression), dtrain.barrier, sizes, quick,
-                     lambda n: torch.randn(n))
+    calls = {v: (lambda t, c=DTRAIN_VARIANTS[v]: dtrain.allreduce(t, compression=c)) for v in variants}
+    res = time_interleaved(calls, dtrain.barrier, sizes, quick, lambda n: torch.randn(n))
     dtrain.shutdown()
     return res
 
@@ -94,12 +106,8 @@ def worker_mpi(sizes, quick):
 
 
 def _spawned(kind, sizes, quick):
-    if kind == "dtrain":
-        return worker_dtrain(sizes, quick, None)
-    if kind == "dtrain-fp16":
-        return worker_dtrain(sizes, quick, "fp16")
-    if kind == "dtrain-bf16":
-        return worker_dtrain(sizes, quick, "bf16")
+    if isinstance(kind, tuple):
+        return worker_dtrain(sizes, quick, kind)
     if kind == "gloo":
         return worker_gloo(sizes, quick, False)
     if kind == "gloo-fp16":
@@ -216,14 +224,27 @@ def main(argv=None):
     log(f"allreduce benchmark: {args.ranks} ranks, sizes {fmt_size(sizes[0])}..{fmt_size(sizes[-1])}")
     table = {s: {} for s in sizes}
     notes = {}
+    results = {}
+    dtrain_variants = tuple(p for p in peers if p in DTRAIN_VARIANTS)
+    if dtrain_variants:
+        log(f"running {', '.join(dtrain_variants)} (interleaved, one job)")
+        import dtrain.launch
+        results.update(dtrain.launch.run(_spawned, nprocs=args.ranks, args=(dtrain_variants, sizes, args.quick),
+                                         timeout=1800)[0])
     for p in peers:
+        if p in DTRAIN_VARIANTS:
+            continue
         log(f"running {p}")
         res, why = run_peer(p, args.ranks, sizes, args.quick, log)
         if res is None:
             notes[p] = why
             log(f"  {p} skipped: {why}")
             continue
-        for s, sec in res.items():
+        results[p] = res
+    for p in peers:
+        if p not in results:
+            continue
+        for s, sec in results[p].items():
             algbw = s / sec / 1e9
             table[s][p] = {"time_us": sec * 1e6, "algbw_gbs": algbw,
                            "busbw_gbs": algbw * 2 * (args.ranks - 1) / args.ranks}

@@ -28,11 +28,13 @@ from dtrain.comm import (
     world_size,
 )
 
+from dtrain.parallel import AllReduceStrategy, LocalStrategy, Strategy
+
 __version__ = "0.1.0"
 
 __all__ = [
     "CommError", "CommTimeout", "ConfigError", "DataError", "DtrainError", "RendezvousError",
     "Group", "Work", "allgather", "allreduce", "alltoall", "barrier", "broadcast", "init",
     "is_initialized", "local_rank", "local_size", "new_group", "rank", "recv", "reduce_scatter",
-    "send", "shutdown", "world_size",
+    "send", "shutdown", "world_size", "AllReduceStrategy", "LocalStrategy", "Strategy",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import secrets
 import time
 import traceback
@@ -20,9 +21,11 @@ def _child(fn, args, rank, env, conn, listener):
         os.environ["DTRAIN_STORE_FD"] = str(listener.detach())
     try:
         result = fn(*args)
-        conn.send(("ok", result))
+        # Plain pickle, not multiprocessing's: torch would share a tensor's storage through a
+        # file descriptor that dies with this process before the parent reads it.
+        conn.send_bytes(pickle.dumps(("ok", result)))
     except BaseException as e:  # report everything, SystemExit included, to the parent
-        conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        conn.send_bytes(pickle.dumps(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}")))
     finally:
         conn.close()
 
@@ -78,7 +81,7 @@ def run(fn: Callable[..., Any], nprocs: int, args: Sequence[Any] = (), timeout: 
             for r in list(pending):
                 if conns[r].poll():
                     try:
-                        status, value = conns[r].recv()
+                        status, value = pickle.loads(conns[r].recv_bytes())
                     except EOFError:
                         status, value = "error", "the process closed its pipe without a result"
                     if status == "error":

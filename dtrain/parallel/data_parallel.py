@@ -1,0 +1,476 @@
+"""Synchronous data parallelism: AllReduceStrategy and the gradient reducer beneath it.
+
+How a step runs (the shape DDP and Horovod share):
+
+* ``prepare`` broadcasts parameters, buffers and optimizer state from rank 0, puts the
+  parameters into buckets of about ``bucket_mb`` (reverse registration order, the
+  order backward usually produces them), and hooks every parameter's gradient
+  accumulation.
+* During backward, each hook copies its gradient into its bucket. A full bucket is
+  launched (an async allreduce on the C++ progress thread) as soon as every bucket
+  before it has been launched, so all ranks issue the same collectives in the same
+  order even when their hooks fire in different orders.
+* At the end of backward (an autograd callback) parameters that got no gradient
+  count as zeros, the last buckets go out, and the reduced gradients are copied
+  back into ``.grad``: after ``loss.backward()`` the gradients are reduced, as with
+  DDP, so gradient clipping between backward and ``step`` sees the global ones.
+  A parameter that got no gradient on any rank keeps ``.grad`` as it was (None).
+* After the first step the buckets are rebuilt in the order gradients actually
+  became ready on rank 0 (broadcast, so every rank agrees).
+
+fp16/bf16 wire compression sends half precision and accumulates in float32 at every
+hop. For fp16 each bucket is multiplied by a power of two chosen from the previous
+step's reduced maximum (identical on every rank: the reduced result is bitwise the
+same everywhere) so that sums sit near 2**13, 8x below fp16's largest value and far
+above its smallest; a result that still overflows, or whose largest value fell
+below 1 (gradients 8192x smaller than last step), is redone in float32 and the
+scale follows. The first step of each bucket goes in float32 to learn the scale.
+With ``error_feedback=True`` each rank rounds its own contribution to the wire type
+itself and adds what rounding lost to the next step's gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import weakref
+from typing import Dict, List, Optional
+
+import torch
+
+import dtrain
+from dtrain.comm.group import resolve
+from dtrain.errors import ConfigError
+from dtrain.parallel.strategy import Strategy
+
+_SUM_TARGET = 2.0 ** 13  # where an fp16 bucket's largest reduced value is put
+_UNDERFLOW = 1.0  # a scaled result whose largest value is below this lost bits to fp16's subnormals
+_WIRE = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class _Bucket:
+    def __init__(self, params: List[int], sizes: List[int], dtype: torch.dtype):
+        self.params = params  # indices into the reducer's parameter list
+        self.offsets = []
+        off = 0
+        for n in sizes:
+            self.offsets.append(off)
+            off += n
+        self.sizes = sizes
+        self.numel = off
+        self.dtype = dtype
+        self.buf = torch.zeros(off, dtype=dtype)
+        self.pending = len(params)
+        self.work = None
+        self.scale = 1.0
+        self.amax: Optional[float] = None  # largest |reduced sum| last step, for the fp16 scale
+        self.wire: Optional[str] = None  # what this step's launch sent
+        self.residual: Optional[torch.Tensor] = None
+
+
+class _Reducer:
+    """Buckets, hooks and the per-backward state machine of AllReduceStrategy."""
+
+    def __init__(self, params: List[torch.nn.Parameter], group, bucket_bytes: int, compression: Optional[str],
+                 error_feedback: bool, average: bool):
+        self.params = params
+        self.group = group
+        self.world = group.size if group is not None else dtrain.world_size()
+        self.bucket_bytes = bucket_bytes
+        self.compression = compression
+        self.error_feedback = error_feedback
+        self.average = average
+        self.enabled = True  # False inside no_sync
+        self.state = "idle"  # idle -> running (hooks firing) -> done (reduced, copied out)
+        self.rebuilt = False
+        self.steps = 0  # finished reductions
+        self.fp32_redos = 0  # fp16 buckets that overflowed and were redone in float32
+        self._order: List[int] = []
+        self._ready = [False] * len(params)
+        self._used = torch.zeros(len(params), dtype=torch.uint8)
+        self._build(list(reversed(range(len(params)))))
+        self._handles = []
+        me = weakref.ref(self)
+        for i, p in enumerate(params):
+            self._handles.append(p.register_post_accumulate_grad_hook(
+                lambda param, i=i: me() is not None and me()._on_grad(i, param)))
+
+    # ---- buckets
+    def _build(self, order: List[int]) -> None:
+        """Buckets over parameter indices in `order`, one dtype (and device) per bucket; a bucket
+        closes when the next parameter would take it past bucket_bytes."""
+        spans: List[list] = []  # [indices, bytes], in the order the buckets opened
+        open_: Dict[tuple, list] = {}
+        for i in order:
+            p = self.params[i]
+            key, nbytes = (p.dtype, p.device), p.numel() * p.element_size()
+            cur = open_.get(key)
+            if cur is None or (cur[0] and cur[1] + nbytes > self.bucket_bytes):
+                cur = [[], 0]
+                spans.append(cur)
+                open_[key] = cur
+            cur[0].append(i)
+            cur[1] += nbytes
+        self.buckets: List[_Bucket] = []
+        self.where: Dict[int, tuple] = {}
+        for idx, _ in spans:
+            for j, i in enumerate(idx):
+                self.where[i] = (len(self.buckets), j)
+            self.buckets.append(_Bucket(idx, [self.params[i].numel() for i in idx], self.params[idx[0]].dtype))
+        self._next = 0
+
+    def describe(self) -> List[dict]:
+        return [{"params": len(b.params), "numel": b.numel, "dtype": str(b.dtype).replace("torch.", ""),
+                 "bytes": b.numel * b.buf.element_size()} for b in self.buckets]
+
+    # ---- per backward
+    def _on_grad(self, i: int, p: torch.nn.Parameter) -> None:
+        if not self.enabled:
+            return
+        if self.state != "running":
+            self._begin()
+        if self._ready[i]:
+            raise ConfigError(
+                f"parameter {i} (shape {tuple(p.shape)}) got a second gradient in one backward pass before it "
+                "was reduced: AllReduceStrategy reduces each gradient once per backward; for several backward "
+                "passes per step wrap all but the last in `with strategy.no_sync(model):`")
+        self._ready[i] = True
+        self._used[i] = 1
+        if not self.rebuilt:
+            self._order.append(i)
+        bi, j = self.where[i]
+        b = self.buckets[bi]
+        g = p.grad
+        dst = b.buf[b.offsets[j]: b.offsets[j] + b.sizes[j]]
+        if g is None:
+            dst.zero_()
+        else:
+            if g.is_sparse:
+                raise ConfigError("sparse gradients are not supported by AllReduceStrategy: use dense "
+                                  "embeddings (sparse=False)")
+            dst.copy_(g.detach().reshape(-1))
+        b.pending -= 1
+        self._launch_ready()
+
+    def _begin(self) -> None:
+        self.state = "running"
+        self._ready = [False] * len(self.params)
+        self._used.zero_()
+        for b in self.buckets:
+            b.pending = len(b.params)
+            b.work = None
+        self._next = 0
+        # Runs once backward has finished, on the thread that ran it.
+        torch.autograd.Variable._execution_engine.queue_callback(self._finish)
+
+    def _launch_ready(self) -> None:
+        while self._next < len(self.buckets) and self.buckets[self._next].pending == 0:
+            self._launch(self.buckets[self._next])
+            self._next += 1
+
+    def _launch(self, b: _Bucket) -> None:
+        wire = self.compression if b.dtype == torch.float32 else None
+        if wire == "fp16" and not b.amax:
+            wire = None  # first step (or an all-zero bucket): learn the scale from an exact reduction
+        b.wire = wire
+        if wire is not None:
+            b.scale = 1.0
+            if wire == "fp16" and b.amax > 0:
+                b.scale = 2.0 ** math.floor(math.log2(_SUM_TARGET / b.amax))
+                b.scale = min(max(b.scale, 2.0 ** -60), 2.0 ** 60)
+            if self.error_feedback:
+                if b.residual is None:
+                    b.residual = torch.zeros_like(b.buf)
+                b.buf.add_(b.residual)
+                if b.scale != 1.0:
+                    b.buf.mul_(b.scale)
+                q = b.buf.to(_WIRE[wire]).to(torch.float32)
+                torch.sub(b.buf, q, out=b.residual)
+                if b.scale != 1.0:
+                    b.residual.div_(b.scale)
+                b.buf.copy_(q)
+            elif b.scale != 1.0:
+                b.buf.mul_(b.scale)
+        b.work = dtrain.allreduce(b.buf, compression=wire, group=self.group, async_op=True)
+
+    def _finish(self, from_grads: bool = False) -> None:
+        """End of backward: zeros for the gradients that never came (or, from step() without a
+        synced backward, the accumulated .grad), launch the rest, wait, copy out."""
+        for i, ready in enumerate(self._ready):
+            if not ready:
+                bi, j = self.where[i]
+                b = self.buckets[bi]
+                dst = b.buf[b.offsets[j]: b.offsets[j] + b.sizes[j]]
+                g = self.params[i].grad
+                if from_grads and g is not None:
+                    dst.copy_(g.detach().reshape(-1))
+                    self._used[i] = 1
+                else:
+                    dst.zero_()
+                self._ready[i] = True
+                b.pending -= 1
+        self._launch_ready()
+        used = self._used.clone()
+        used_work = dtrain.allreduce(used, op="max", group=self.group, async_op=True)
+        for b in self.buckets:
+            b.work.wait()
+        used_work.wait()
+        for b in self.buckets:
+            self._unscale(b)
+        used = used.tolist()
+        for b in self.buckets:
+            for j, i in enumerate(b.params):
+                if not used[i]:
+                    continue  # no rank produced a gradient: leave .grad as the optimizer expects (None)
+                p = self.params[i]
+                src = b.buf[b.offsets[j]: b.offsets[j] + b.sizes[j]].view(p.shape)
+                if p.grad is None:
+                    p.grad = src.clone()
+                else:
+                    p.grad.copy_(src)
+        self.steps += 1
+        self.state = "done"
+        if not self.rebuilt:
+            self._rebuild()
+
+    def _unscale(self, b: _Bucket) -> None:
+        if b.wire == "fp16" or (self.compression == "fp16" and b.dtype == torch.float32):
+            amax = b.buf.abs().max().item() if b.numel else 0.0
+            if b.wire == "fp16" and not (_UNDERFLOW <= amax < math.inf):
+                # The gradients grew past the old scale and overflowed (or a rank sent inf/nan), or
+                # shrank so far that they sat among fp16's subnormals: redo this bucket exactly. Every
+                # rank decides alike, since the reduced result, inf included, is bitwise the same.
+                self.fp32_redos += 1
+                self._repack(b)
+                dtrain.allreduce(b.buf, group=self.group)
+                b.scale = 1.0
+                amax = b.buf.abs().max().item() if b.numel else 0.0
+            b.amax = amax if math.isfinite(amax) else None
+        factor = 1.0 / b.scale
+        if self.average:
+            factor /= self.world
+        if factor != 1.0:
+            b.buf.mul_(factor)
+
+    def _repack(self, b: _Bucket) -> None:
+        for j, i in enumerate(b.params):
+            g = self.params[i].grad
+            dst = b.buf[b.offsets[j]: b.offsets[j] + b.sizes[j]]
+            if g is None or not self._used[i]:
+                dst.zero_()
+            else:
+                dst.copy_(g.detach().reshape(-1))
+
+    def _rebuild(self) -> None:
+        """Buckets in the order rank 0's gradients became ready (every rank takes rank 0's)."""
+        self.rebuilt = True
+        n = len(self.params)
+        seen = set(self._order)
+        order = self._order + [i for i in reversed(range(n)) if i not in seen]
+        t = torch.tensor(order, dtype=torch.int64)
+        dtrain.broadcast(t, root=0, group=self.group)
+        order = t.tolist()
+        if order == [i for b in self.buckets for i in b.params]:
+            return
+        amax = max((b.amax for b in self.buckets if b.amax is not None), default=None)
+        residual = self._residuals()
+        self._build(order)
+        for b in self.buckets:
+            b.amax = amax
+            if residual is not None:
+                b.residual = torch.cat([residual[i] for i in b.params]) if b.params else None
+        self.state = "done"
+
+    def _residuals(self) -> Optional[Dict[int, torch.Tensor]]:
+        if not self.error_feedback or all(b.residual is None for b in self.buckets):
+            return None
+        out = {}
+        for b in self.buckets:
+            for j, i in enumerate(b.params):
+                if b.residual is None:
+                    out[i] = torch.zeros(b.sizes[j], dtype=b.dtype)
+                else:
+                    out[i] = b.residual[b.offsets[j]: b.offsets[j] + b.sizes[j]].clone()
+        return out
+
+    # ---- around optimizer.step
+    def before_step(self) -> None:
+        # A rank whose backward touched no parameter never ran a hook, and gradients accumulated
+        # under no_sync with no synced backward after them were never sent: reduce .grad as it
+        # stands now, so no rank is left waiting.
+        if self.enabled and self.state == "idle":
+            self._begin_without_backward()
+
+    def _begin_without_backward(self) -> None:
+        self.state = "running"
+        self._ready = [False] * len(self.params)
+        self._used.zero_()
+        for b in self.buckets:
+            b.pending = len(b.params)
+            b.work = None
+        self._next = 0
+        self._finish(from_grads=True)
+
+    def after_step(self) -> None:
+        if self.enabled:
+            self.state = "idle"
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+class AllReduceStrategy(Strategy):
+    """Synchronous data parallelism over the native collectives.
+
+    Args:
+        compression: None, "fp16" or "bf16": gradients travel in half precision and
+            accumulate in float32 at every hop (float32 parameters; others go as they are).
+        bucket_mb: bucket size in MiB; smaller buckets start communicating earlier,
+            larger ones make fewer calls.
+        error_feedback: keep each rank's rounding residual and add it to the next step.
+        average: divide the summed gradients by the number of ranks (as DDP does).
+        backend: None or "native" (the only one this build carries for CPU tensors).
+        group: a dtrain.Group to reduce over (for example the data-parallel replicas of
+            a 2-D layout); None is the whole world.
+
+    Example (``dtrain-run -n 2 train.py``)::
+
+        strategy = dtrain.AllReduceStrategy(compression="fp16")
+        model, optimizer = strategy.prepare(model, optimizer)
+        for x, y in strategy.distribute(dataset, batch_size=64):
+            optimizer.zero_grad()
+            loss_fn(model(x), y).backward()     # gradients are averaged across ranks here
+            optimizer.step()
+    """
+
+    def __init__(self, compression: Optional[str] = None, bucket_mb: float = 25, error_feedback: bool = False,
+                 average: bool = True, backend: Optional[str] = None, group: Optional["dtrain.Group"] = None):
+        super().__init__(group)
+        if compression not in (None, "none", "fp16", "bf16"):
+            raise ConfigError(f"compression must be None, 'fp16' or 'bf16', got {compression!r}")
+        if not (isinstance(bucket_mb, (int, float)) and bucket_mb > 0):
+            raise ConfigError(f"bucket_mb must be a positive number of MiB, got {bucket_mb!r}")
+        if backend not in (None, "native"):
+            raise ConfigError(f"backend {backend!r} is not available to AllReduceStrategy in this build: "
+                              "use None or 'native'")
+        self.compression = None if compression == "none" else compression
+        self.bucket_bytes = int(bucket_mb * (1 << 20))
+        self.error_feedback = bool(error_feedback)
+        self.average = bool(average)
+        if not dtrain.is_initialized():
+            dtrain.init(backend=backend)
+        self.reducer: Optional[_Reducer] = None
+        self.wire: Optional[str] = None  # what gradients travel as, once prepared
+
+    @property
+    def rank(self) -> int:
+        return self._group.rank if self._group is not None else dtrain.rank()
+
+    @property
+    def world_size(self) -> int:
+        return self._group.size if self._group is not None else dtrain.world_size()
+
+    def prepare(self, model, optimizer=None):
+        """Makes every rank start identical and hooks gradient reduction. Returns (model, optimizer),
+        the same objects (state_dict keys stay unchanged)."""
+        if not isinstance(model, torch.nn.Module):
+            raise ConfigError(f"prepare() takes a torch.nn.Module, got {type(model).__name__}")
+        if self.reducer is not None:
+            raise ConfigError("this AllReduceStrategy already prepared a model: make one strategy per model")
+        self._broadcast_module(model)
+        if optimizer is not None:
+            self._broadcast_optimizer(optimizer)
+        params = [p for p in _unique_params(model) if p.requires_grad]
+        if self.world_size > 1 and params:
+            # On a group that shares one host's memory the native backend sends float32 whatever
+            # is asked (halving bytes there saves less than converting costs), so the reducer does
+            # not round either: the result is the exact one. DTRAIN_SHM_COMPRESSION=1 forces the wire.
+            self.wire = self.compression if resolve(self._group).compress_wire else None
+            self.reducer = _Reducer(params, self._group, self.bucket_bytes, self.wire,
+                                    self.error_feedback, self.average)
+            if optimizer is not None:
+                reducer = self.reducer
+                optimizer.register_step_pre_hook(lambda *a: reducer.before_step())
+                optimizer.register_step_post_hook(lambda *a: reducer.after_step())
+        return model, optimizer
+
+    def _broadcast_module(self, model: torch.nn.Module) -> None:
+        if self.world_size == 1:
+            return
+        tensors = [p.data for p in _unique_params(model)] + [b for b in model.buffers()]
+        by_dtype: Dict[tuple, List[torch.Tensor]] = {}
+        for t in tensors:
+            if t.numel():
+                by_dtype.setdefault((t.dtype, t.device), []).append(t)
+        for (dtype, _), ts in by_dtype.items():
+            if dtype == torch.bool:
+                for t in ts:
+                    u = t.to(torch.uint8)
+                    dtrain.broadcast(u, root=0, group=self._group)
+                    t.copy_(u.bool())
+                continue
+            flat = torch.cat([t.detach().reshape(-1).cpu() for t in ts])
+            dtrain.broadcast(flat, root=0, group=self._group)
+            off = 0
+            with torch.no_grad():
+                for t in ts:
+                    t.copy_(flat[off: off + t.numel()].view_as(t))
+                    off += t.numel()
+
+    def _broadcast_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.world_size == 1:
+            return
+        from dtrain.parallel import checkpoint
+        payload = checkpoint.serialize(optimizer.state_dict()) if self.rank == 0 else b""
+        n = torch.tensor([len(payload)], dtype=torch.int64)
+        dtrain.broadcast(n, root=0, group=self._group)
+        buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if self.rank == 0 else \
+            torch.empty(int(n.item()), dtype=torch.uint8)
+        dtrain.broadcast(buf, root=0, group=self._group)
+        if self.rank != 0:
+            import io
+            optimizer.load_state_dict(torch.load(io.BytesIO(buf.numpy().tobytes()), weights_only=False))
+
+    @contextlib.contextmanager
+    def no_sync(self, model: Optional[torch.nn.Module] = None):
+        r = self.reducer
+        if r is None:
+            yield
+            return
+        prev = r.enabled
+        r.enabled = False
+        try:
+            yield
+        finally:
+            r.enabled = prev
+
+    def barrier(self) -> None:
+        dtrain.barrier(group=self._group)
+
+    def _reduce_scalars(self, values: torch.Tensor) -> torch.Tensor:
+        return dtrain.allreduce(values, group=self._group)
+
+    def _gather_rng(self) -> list:
+        from dtrain.parallel import checkpoint
+        mine = checkpoint.rng_state()
+        if self.world_size == 1:
+            return [mine]
+        payload = torch.frombuffer(bytearray(checkpoint.serialize(mine)), dtype=torch.uint8)
+        sizes = dtrain.allgather(torch.tensor([payload.numel()], dtype=torch.int64), group=self._group).tolist()
+        flat = dtrain.allgather(payload, group=self._group)
+        out, off = [], 0
+        import io
+        for n in sizes:
+            out.append(torch.load(io.BytesIO(flat[off: off + n].numpy().tobytes()), weights_only=False))
+            off += n
+        return out
+
+
+def _unique_params(model: torch.nn.Module) -> List[torch.nn.Parameter]:
+    """model.parameters() already drops tied duplicates; this is the single place that says so."""
+    return list(model.parameters())
+
+
+__all__ = ["AllReduceStrategy"]
