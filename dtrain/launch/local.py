@@ -102,12 +102,31 @@ class LocalJob:
             listener.close()  # rank 0 holds its own copy now
 
     def _pump(self, rank: int, stream, sink) -> None:
+        """Copies one rank's output, tagging each line. A segment ending in a carriage return
+        (a progress bar redrawing itself) goes out at once with its tag, so bars stay live."""
         tag = f"[{rank}] " if self.prefix else ""
-        for raw in iter(stream.readline, b""):
-            line = raw.decode("utf-8", errors="replace").rstrip("\n")
-            self.tails[rank].append(line)
+        pending = b""
+        while True:
+            chunk = stream.read1(65536) if hasattr(stream, "read1") else stream.read(1)
+            if not chunk:
+                break
+            pending += chunk
+            while True:
+                cut = min((i for i in (pending.find(b"\n"), pending.find(b"\r")) if i >= 0), default=-1)
+                if cut < 0:
+                    break
+                seg, end, pending = pending[:cut], pending[cut:cut + 1], pending[cut + 1:]
+                text = seg.decode("utf-8", errors="replace")
+                if end == b"\n":
+                    self.tails[rank].append(text)
+                with self._write_lock:
+                    sink.write((tag + text if text or end == b"\n" else "") + end.decode())
+                    sink.flush()
+        if pending:
+            text = pending.decode("utf-8", errors="replace")
+            self.tails[rank].append(text)
             with self._write_lock:
-                sink.write(tag + line + "\n")
+                sink.write(tag + text + "\n")
                 sink.flush()
         stream.close()
 
