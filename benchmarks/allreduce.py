@@ -86,13 +86,13 @@ def worker_gloo(sizes, quick, half):
     import torch
     import torch.distributed as dist
     torch.set_num_threads(1)
-    if os.environ.get("DTRAIN_STORE_FD"):  # free the launcher's port for gloo's own TCPStore
-        os.close(int(os.environ.pop("DTRAIN_STORE_FD")))
-    dist.init_process_group("gloo")
+    from peers import init_gloo
+    init_gloo()
     dtype = torch.float16 if half else torch.float32
     res = time_sizes(lambda t: dist.all_reduce(t), dist.barrier, sizes, quick,
                      lambda n: torch.randn(n).to(dtype))
-    dist.destroy_process_group()
+    from peers import close_gloo
+    close_gloo()
     return res
 
 

@@ -215,17 +215,19 @@ class _Reducer:
         for b in self.buckets:
             b.work.wait()
         used_work.wait()
-        for b in self.buckets:
-            self._unscale(b)
         used = used.tolist()
         for b in self.buckets:
+            factor = self._unscale(b)
             for j, i in enumerate(b.params):
                 if not used[i]:
                     continue  # no rank produced a gradient: leave .grad as the optimizer expects (None)
                 p = self.params[i]
                 src = b.buf[b.offsets[j]: b.offsets[j] + b.sizes[j]].view(p.shape)
+                # one pass: scale (the average, the fp16 scale) while copying out
                 if p.grad is None:
-                    p.grad = src.clone()
+                    p.grad = src * factor if factor != 1.0 else src.clone()
+                elif factor != 1.0:
+                    torch.mul(src, factor, out=p.grad)
                 else:
                     p.grad.copy_(src)
         self.steps += 1
@@ -233,7 +235,9 @@ class _Reducer:
         if not self.rebuilt:
             self._rebuild()
 
-    def _unscale(self, b: _Bucket) -> None:
+    def _unscale(self, b: _Bucket) -> float:
+        """Checks an fp16 result (redoing it in float32 if it over- or underflowed) and returns
+        the factor that turns the bucket into the gradient (1/scale, and 1/world to average)."""
         if b.wire == "fp16" or (self.compression == "fp16" and b.dtype == torch.float32):
             amax = b.buf.abs().max().item() if b.numel else 0.0
             if b.wire == "fp16" and not (_UNDERFLOW <= amax < math.inf):
@@ -242,6 +246,8 @@ class _Reducer:
                 # rank decides alike, since the reduced result, inf included, is bitwise the same.
                 self.fp32_redos += 1
                 self._repack(b)
+                if b.residual is not None:
+                    b.residual.zero_()  # the redo is exact: nothing of this step is left to feed back
                 dtrain.allreduce(b.buf, group=self.group)
                 b.scale = 1.0
                 amax = b.buf.abs().max().item() if b.numel else 0.0
@@ -249,8 +255,7 @@ class _Reducer:
         factor = 1.0 / b.scale
         if self.average:
             factor /= self.world
-        if factor != 1.0:
-            b.buf.mul_(factor)
+        return factor
 
     def _repack(self, b: _Bucket) -> None:
         for j, i in enumerate(b.params):
