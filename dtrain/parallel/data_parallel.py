@@ -251,7 +251,8 @@ class _Reducer:
                 dtrain.allreduce(b.buf, group=self.group)
                 b.scale = 1.0
                 amax = b.buf.abs().max().item() if b.numel else 0.0
-            b.amax = amax if math.isfinite(amax) else None
+            # in gradient units (the buffer holds them times the scale), so the next scale is right
+            b.amax = amax / b.scale if math.isfinite(amax) else None
         factor = 1.0 / b.scale
         if self.average:
             factor /= self.world

@@ -55,6 +55,7 @@ def test_parity_half_wire(world, compression, unit):
     bound = wire_bound(world, unit, grads)
     assert diff > 0, "half-precision wire gave exactly the float32 result: compression did not run"
     assert diff <= bound, f"{compression} drift {diff} exceeds the derived bound {bound}"
+    assert redos == 0, f"steady gradients must keep their fp16 scale, but {redos} buckets were redone"
     assert unused_none
     assert len({o[0] for o in out}) == 1, "ranks ended with different parameters"
 
