@@ -110,6 +110,11 @@ def serialize(payload: Dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
+def deserialize(data: bytes) -> Any:
+    """The inverse of serialize()."""
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+
+
 def read(path: str) -> Dict[str, Any]:
     """Loads the checkpoint at `path` (a folder or a file). Raises a clear error when absent or damaged."""
     file = resolve_file(path)
@@ -146,4 +151,4 @@ def restore(payload: Dict[str, Any], rank: int, model: Optional[torch.nn.Module]
     return out
 
 
-__all__ = ["atomic_write", "read", "resolve_file", "restore", "rng_state", "serialize"]
+__all__ = ["atomic_write", "deserialize", "read", "resolve_file", "restore", "rng_state", "serialize"]

@@ -41,6 +41,7 @@ import torch
 import dtrain
 from dtrain.comm.group import resolve
 from dtrain.errors import ConfigError
+from dtrain.parallel import checkpoint
 from dtrain.parallel.strategy import Strategy
 
 _SUM_TARGET = 2.0 ** 13  # where an fp16 bucket's largest reduced value is put
@@ -66,6 +67,17 @@ class _Bucket:
         self.amax: Optional[float] = None  # largest |reduced sum| last step, for the fp16 scale
         self.wire: Optional[str] = None  # what this step's launch sent
         self.residual: Optional[torch.Tensor] = None
+
+    def slot(self, j: int, t: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The flat span of parameter j (of this bucket) in `t` (default: the bucket buffer)."""
+        return (self.buf if t is None else t)[self.offsets[j]: self.offsets[j] + self.sizes[j]]
+
+    def put(self, j: int, grad: Optional[torch.Tensor]) -> None:
+        """Parameter j's gradient into the buffer; zeros for a parameter without one."""
+        if grad is None:
+            self.slot(j).zero_()
+        else:
+            self.slot(j).copy_(grad.detach().reshape(-1))
 
 
 class _Reducer:
@@ -140,19 +152,15 @@ class _Reducer:
             self._order.append(i)
         bi, j = self.where[i]
         b = self.buckets[bi]
-        g = p.grad
-        dst = b.buf[b.offsets[j]: b.offsets[j] + b.sizes[j]]
-        if g is None:
-            dst.zero_()
-        else:
-            if g.is_sparse:
-                raise ConfigError("sparse gradients are not supported by AllReduceStrategy: use dense "
-                                  "embeddings (sparse=False)")
-            dst.copy_(g.detach().reshape(-1))
+        if p.grad is not None and p.grad.is_sparse:
+            raise ConfigError("sparse gradients are not supported by AllReduceStrategy: use dense "
+                              "embeddings (sparse=False)")
+        b.put(j, p.grad)
         b.pending -= 1
         self._launch_ready()
 
-    def _begin(self) -> None:
+    def _reset(self) -> None:
+        """A new reduction: nothing ready, nothing launched."""
         self.state = "running"
         self._ready = [False] * len(self.params)
         self._used.zero_()
@@ -160,6 +168,9 @@ class _Reducer:
             b.pending = len(b.params)
             b.work = None
         self._next = 0
+
+    def _begin(self) -> None:
+        self._reset()
         # Runs once backward has finished, on the thread that ran it.
         torch.autograd.Variable._execution_engine.queue_callback(self._finish)
 
@@ -200,13 +211,10 @@ class _Reducer:
             if not ready:
                 bi, j = self.where[i]
                 b = self.buckets[bi]
-                dst = b.buf[b.offsets[j]: b.offsets[j] + b.sizes[j]]
-                g = self.params[i].grad
-                if from_grads and g is not None:
-                    dst.copy_(g.detach().reshape(-1))
+                g = self.params[i].grad if from_grads else None
+                b.put(j, g)
+                if g is not None:
                     self._used[i] = 1
-                else:
-                    dst.zero_()
                 self._ready[i] = True
                 b.pending -= 1
         self._launch_ready()
@@ -222,7 +230,7 @@ class _Reducer:
                 if not used[i]:
                     continue  # no rank produced a gradient: leave .grad as the optimizer expects (None)
                 p = self.params[i]
-                src = b.buf[b.offsets[j]: b.offsets[j] + b.sizes[j]].view(p.shape)
+                src = b.slot(j).view(p.shape)
                 # one pass: scale (the average, the fp16 scale) while copying out
                 if p.grad is None:
                     p.grad = src * factor if factor != 1.0 else src.clone()
@@ -260,12 +268,7 @@ class _Reducer:
 
     def _repack(self, b: _Bucket) -> None:
         for j, i in enumerate(b.params):
-            g = self.params[i].grad
-            dst = b.buf[b.offsets[j]: b.offsets[j] + b.sizes[j]]
-            if g is None or not self._used[i]:
-                dst.zero_()
-            else:
-                dst.copy_(g.detach().reshape(-1))
+            b.put(j, self.params[i].grad if self._used[i] else None)
 
     def _rebuild(self) -> None:
         """Buckets in the order rank 0's gradients became ready (every rank takes rank 0's)."""
@@ -285,7 +288,6 @@ class _Reducer:
             b.amax = amax
             if residual is not None:
                 b.residual = torch.cat([residual[i] for i in b.params]) if b.params else None
-        self.state = "done"
 
     def _residuals(self) -> Optional[Dict[int, torch.Tensor]]:
         if not self.error_feedback or all(b.residual is None for b in self.buckets):
@@ -296,7 +298,7 @@ class _Reducer:
                 if b.residual is None:
                     out[i] = torch.zeros(b.sizes[j], dtype=b.dtype)
                 else:
-                    out[i] = b.residual[b.offsets[j]: b.offsets[j] + b.sizes[j]].clone()
+                    out[i] = b.slot(j, b.residual).clone()
         return out
 
     # ---- around optimizer.step
@@ -305,17 +307,9 @@ class _Reducer:
         # under no_sync with no synced backward after them were never sent: reduce .grad as it
         # stands now, so no rank is left waiting.
         if self.enabled and self.state == "idle":
-            self._begin_without_backward()
+            self._reset()
+            self._finish(from_grads=True)
 
-    def _begin_without_backward(self) -> None:
-        self.state = "running"
-        self._ready = [False] * len(self.params)
-        self._used.zero_()
-        for b in self.buckets:
-            b.pending = len(b.params)
-            b.work = None
-        self._next = 0
-        self._finish(from_grads=True)
 
     def after_step(self) -> None:
         if self.enabled:
@@ -388,7 +382,7 @@ class AllReduceStrategy(Strategy):
         self._broadcast_module(model)
         if optimizer is not None:
             self._broadcast_optimizer(optimizer)
-        params = [p for p in _unique_params(model) if p.requires_grad]
+        params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
         if self.world_size > 1 and params:
             # On a group that shares one host's memory the native backend sends float32 whatever
             # is asked (halving bytes there saves less than converting costs), so the reducer does
@@ -405,7 +399,7 @@ class AllReduceStrategy(Strategy):
     def _broadcast_module(self, model: torch.nn.Module) -> None:
         if self.world_size == 1:
             return
-        tensors = [p.data for p in _unique_params(model)] + [b for b in model.buffers()]
+        tensors = [p.data for p in model.parameters()] + [b for b in model.buffers()]
         by_dtype: Dict[tuple, List[torch.Tensor]] = {}
         for t in tensors:
             if t.numel():
@@ -428,7 +422,6 @@ class AllReduceStrategy(Strategy):
     def _broadcast_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         if self.world_size == 1:
             return
-        from dtrain.parallel import checkpoint
         payload = checkpoint.serialize(optimizer.state_dict()) if self.rank == 0 else b""
         n = torch.tensor([len(payload)], dtype=torch.int64)
         dtrain.broadcast(n, root=0, group=self._group)
@@ -436,8 +429,7 @@ class AllReduceStrategy(Strategy):
             torch.empty(int(n.item()), dtype=torch.uint8)
         dtrain.broadcast(buf, root=0, group=self._group)
         if self.rank != 0:
-            import io
-            optimizer.load_state_dict(torch.load(io.BytesIO(buf.numpy().tobytes()), weights_only=False))
+            optimizer.load_state_dict(checkpoint.deserialize(buf.numpy().tobytes()))
 
     @contextlib.contextmanager
     def no_sync(self, model: Optional[torch.nn.Module] = None):
@@ -459,7 +451,6 @@ class AllReduceStrategy(Strategy):
         return dtrain.allreduce(values, group=self._group)
 
     def _gather_rng(self) -> list:
-        from dtrain.parallel import checkpoint
         mine = checkpoint.rng_state()
         if self.world_size == 1:
             return [mine]
@@ -467,16 +458,10 @@ class AllReduceStrategy(Strategy):
         sizes = dtrain.allgather(torch.tensor([payload.numel()], dtype=torch.int64), group=self._group).tolist()
         flat = dtrain.allgather(payload, group=self._group)
         out, off = [], 0
-        import io
         for n in sizes:
-            out.append(torch.load(io.BytesIO(flat[off: off + n].numpy().tobytes()), weights_only=False))
+            out.append(checkpoint.deserialize(flat[off: off + n].numpy().tobytes()))
             off += n
         return out
-
-
-def _unique_params(model: torch.nn.Module) -> List[torch.nn.Parameter]:
-    """model.parameters() already drops tied duplicates; this is the single place that says so."""
-    return list(model.parameters())
 
 
 __all__ = ["AllReduceStrategy"]

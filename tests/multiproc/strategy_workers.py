@@ -8,7 +8,6 @@ strategy differs between the two.
 import copy
 import os
 import signal
-import time
 
 import torch
 import torch.nn as nn
@@ -227,7 +226,6 @@ def metrics_and_sharding(n_items, batch_size):
 if __name__ == "__main__":  # pragma: no cover
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     save_forever(os.environ["FOLDER"], int(os.environ.get("MIB", "32")))
-    time.sleep(0)
 
 
 def fp16_scale_range(factors):
