@@ -4,11 +4,17 @@ torch.distributed gloo and Open MPI (mpi4py), in one run on one machine.
     python benchmarks/allreduce.py                    # 2 ranks, 4 KiB .. 256 MiB
     python benchmarks/allreduce.py --quick --out bench-out
     python benchmarks/allreduce.py --ranks 3 --peers dtrain,gloo
+    python benchmarks/allreduce.py --hosts 2 --rate 10gbit   # test bed: one rank per namespace
 
 Figures follow nccl-tests: algbw = bytes / time, busbw = algbw * 2(n-1)/n, where
 bytes is the float32 tensor size (also for the fp16/bf16 wire variants, whose
 result is float32). Each size reports the median over trials of back-to-back
 calls, on random data. Writes allreduce.json, allreduce.md and allreduce.png.
+
+With --hosts H the ranks run on H hosts of dtrain.testing.cluster (network namespaces
+on one bridge, each host's egress limited to --rate), ranks spread evenly; the
+"link" peer then measures what the link itself carries: both hosts streaming the
+allreduce's per-rank byte count to each other at once over one TCP connection.
 """
 
 from __future__ import annotations
@@ -105,6 +111,55 @@ def worker_mpi(sizes, quick):
     return res if comm.rank == 0 else None
 
 
+def worker_link(sizes, quick):
+    """Both ranks stream `nbytes` to each other at once over one TCP connection: the
+    time a 2-rank allreduce of `nbytes` would take if it moved bytes at the link's
+    full duplex rate and did nothing else (each rank sends nbytes: half in the
+    reduce-scatter, half in the allgather)."""
+    import socket
+    import threading
+
+    import torch
+    import dtrain
+    dtrain.init(timeout=120)
+    if dtrain.world_size() != 2:
+        raise SystemExit("the link peer needs exactly 2 ranks")
+    port = torch.zeros(1, dtype=torch.int64)
+    if dtrain.rank() == 0:
+        lst = socket.create_server(("", 0))
+        port[0] = lst.getsockname()[1]
+    dtrain.broadcast(port, root=0)
+    if dtrain.rank() == 0:
+        sock, _ = lst.accept()
+        lst.close()
+    else:
+        sock = socket.create_connection((os.environ["DTRAIN_MASTER_ADDR"], int(port)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    out, inb = bytearray(64 << 20), bytearray(64 << 20)
+
+    def recv_n(n):
+        view = memoryview(inb)
+        while n:
+            k = sock.recv_into(view[:min(n, len(inb))])
+            if k == 0:
+                raise ConnectionError("link peer: the other rank closed the connection")
+            n -= k
+
+    def exchange(t):
+        n = t  # bytes each way
+        th = threading.Thread(target=recv_n, args=(n,))
+        th.start()
+        view = memoryview(out)
+        while n:
+            n -= sock.send(view[:min(n, len(out))])
+        th.join()
+
+    res = time_sizes(exchange, dtrain.barrier, sizes, quick, lambda n: n * 4)
+    sock.close()
+    dtrain.shutdown()
+    return res
+
+
 def _spawned(kind, sizes, quick):
     if isinstance(kind, tuple):
         return worker_dtrain(sizes, quick, kind)
@@ -112,6 +167,8 @@ def _spawned(kind, sizes, quick):
         return worker_gloo(sizes, quick, False)
     if kind == "gloo-fp16":
         return worker_gloo(sizes, quick, True)
+    if kind == "link":
+        return worker_link(sizes, quick)
     raise ValueError(kind)
 
 
@@ -147,6 +204,55 @@ def run_peer(kind, ranks, sizes, quick, log):
     return res[0], None
 
 
+def run_on_testbed(cluster, kind, ranks, sizes, quick, log):
+    """Seconds per call by size for one peer with its ranks spread over the test bed's hosts."""
+    import secrets
+    import tempfile
+    if kind == "mpi":
+        return None, "mpirun across the test bed's namespaces needs the remote-shell agent of [P5]"
+    if kind == "link" and ranks != 2:
+        return None, "the link peer measures one pair of hosts (2 ranks)"
+    name = ",".join(kind) if isinstance(kind, tuple) else kind
+    log(f"  {name}: {ranks} ranks on {len(cluster.hosts)} hosts ...")
+    per_host = -(-ranks // len(cluster.hosts))
+    master = cluster.hosts[0].addr
+    port = 20000 + secrets.randbelow(20000)
+    token = secrets.token_hex(16)
+    with tempfile.TemporaryDirectory(prefix="dtrain-bench-") as tmp:
+        out = os.path.join(tmp, "rank0.json")
+        procs = []
+        for r in range(ranks):
+            h = r // per_host
+            env = {k: v for k, v in os.environ.items() if k != "DTRAIN_STORE_FD"}
+            env.update(DTRAIN_RANK=str(r), DTRAIN_WORLD_SIZE=str(ranks), DTRAIN_LOCAL_RANK=str(r % per_host),
+                       DTRAIN_LOCAL_SIZE=str(min(per_host, ranks - h * per_host)), DTRAIN_MASTER_ADDR=master,
+                       DTRAIN_MASTER_PORT=str(port), DTRAIN_JOB_TOKEN=token,
+                       DTRAIN_HOST_ID=cluster.hosts[h].netns, GLOO_SOCKET_IFNAME=cluster.hosts[h].ifname,
+                       PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")]))
+            cmd = [sys.executable, os.path.abspath(__file__), "--ns-worker", name, "--ns-out", out,
+                   "--sizes", ",".join(map(str, sizes))] + (["--quick"] if quick else [])
+            err = open(os.path.join(tmp, f"rank{r}.err"), "w")
+            procs.append((cluster.popen(h, cmd, env=env, stdout=err, stderr=subprocess.STDOUT), err))
+        failed = []
+        for r, (p, err) in enumerate(procs):
+            try:
+                rc = p.wait(timeout=1800)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                rc = "timeout"
+            err.close()
+            if rc != 0:
+                with open(err.name) as f:
+                    failed.append(f"rank {r} exited {rc}: {f.read().strip()[-400:]}")
+        if failed:
+            return None, "; ".join(failed)
+        with open(out) as f:
+            raw = json.load(f)
+    if isinstance(kind, tuple):
+        return {v: {int(k): t for k, t in raw[v].items()} for v in kind}, None
+    return {int(k): t for k, t in raw.items()}, None
+
+
 def markdown(table, peers, ranks):
     head = "| size | " + " | ".join(f"{p} time | {p} busbw" for p in peers) + " |"
     lines = [head, "|" + "---|" * (1 + 2 * len(peers))]
@@ -173,7 +279,7 @@ def ratios(table, ranks):
     return "\n".join(lines)
 
 
-def plot(table, peers, ranks, path):
+def plot(table, peers, ranks, path, title=None):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -195,7 +301,7 @@ def plot(table, peers, ranks, path):
         ax.grid(True, alpha=0.3)
         ax.legend()
     b.set_yscale("log")
-    fig.suptitle(f"allreduce, {ranks} ranks, one host")
+    fig.suptitle(title or f"allreduce, {ranks} ranks, one host")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return True
@@ -204,13 +310,29 @@ def plot(table, peers, ranks, path):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--peers", default="dtrain,dtrain-fp16,dtrain-bf16,gloo,gloo-fp16,mpi")
+    ap.add_argument("--peers", default=ap_default_peers())
     ap.add_argument("--sizes", default=None, help="comma-separated byte counts")
     ap.add_argument("--quick", action="store_true", help="fewer sizes and trials (CI smoke run)")
     ap.add_argument("--out", default="bench-out")
+    ap.add_argument("--hosts", type=int, default=0,
+                    help="run on the multi-host test bed with this many hosts (network namespaces; root)")
+    ap.add_argument("--rate", default="10gbit", help="test bed: each host's link rate (tc units)")
+    ap.add_argument("--delay", default=None, help="test bed: one-way link latency, e.g. 100us")
     ap.add_argument("--mpi-worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--ns-worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--ns-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else (QUICK_SIZES if args.quick else SIZES)
+
+    if args.ns_worker:
+        kinds = args.ns_worker.split(",")
+        res = _spawned(tuple(kinds) if kinds[0] in DTRAIN_VARIANTS else kinds[0], sizes, args.quick)
+        if os.environ.get("DTRAIN_RANK") == "0":
+            with open(args.ns_out, "w") as f:
+                json.dump(res, f)
+        return
+    if args.hosts:
+        return main_testbed(args, sizes)
 
     if args.mpi_worker:
         res = worker_mpi(sizes, args.quick)
@@ -261,6 +383,78 @@ def main(argv=None):
                   f, indent=1)
     if plot(table, peers, args.ranks, os.path.join(args.out, "allreduce.png")):
         log(f"wrote {args.out}/allreduce.png")
+
+
+def main_testbed(args, sizes):
+    from dtrain.testing import cluster as tb
+    why = tb.available()
+    if why:
+        raise SystemExit(f"--hosts needs the multi-host test bed, which cannot run here: {why}")
+    if args.ranks < args.hosts:
+        args.ranks = args.hosts
+    peers = [p for p in args.peers.split(",") if p]
+    if args.peers == ap_default_peers():
+        peers = ["link", "dtrain", "dtrain-fp16", "dtrain-bf16", "gloo"]
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    link = tb.rate_bytes_per_s(args.rate)
+    log(f"allreduce benchmark on the test bed: {args.ranks} ranks on {args.hosts} hosts, "
+        f"links {args.rate} ({link / 1e9:.3f} GB/s)" + (f", delay {args.delay}" if args.delay else ""))
+    results, notes = {}, {}
+    with tb.Cluster(args.hosts, rate=args.rate, delay=args.delay) as c:
+        variants = tuple(p for p in peers if p in DTRAIN_VARIANTS)
+        if variants:
+            res, why = run_on_testbed(c, variants, args.ranks, sizes, args.quick, log)
+            if res is None:
+                raise SystemExit(f"dtrain failed on the test bed: {why}")
+            results.update(res)
+        for p in peers:
+            if p in DTRAIN_VARIANTS:
+                continue
+            res, why = run_on_testbed(c, p, args.ranks, sizes, args.quick, log)
+            if res is None:
+                notes[p] = why
+                log(f"  {p} skipped: {why}")
+            else:
+                results[p] = res
+    table = {s: {} for s in sizes}
+    for p in peers:
+        for s, sec in results.get(p, {}).items():
+            algbw = s / sec / 1e9
+            table[s][p] = {"time_us": sec * 1e6, "algbw_gbs": algbw,
+                           "busbw_gbs": algbw * 2 * (args.ranks - 1) / args.ranks}
+    where = f"{args.ranks} ranks on {args.hosts} hosts, {args.rate} links" + (f", {args.delay} delay"
+                                                                               if args.delay else "")
+    md = f"## allreduce on the test bed: {where} (link = {link / 1e9:.3f} GB/s each way)\n\n"
+    md += markdown(table, [p for p in peers if p in results], args.ranks) + "\n"
+    md += "\n| size | dtrain busbw / link rate | fp16/fp32 algbw | bf16/fp32 algbw | dtrain/gloo busbw |\n"
+    md += "|---|---|---|---|---|\n"
+    for s in sizes:
+        row = table[s]
+
+        def r(a, b):
+            return f"{row[a]['algbw_gbs'] / row[b]['algbw_gbs']:.2f}x" if row.get(a) and row.get(b) else "n/a"
+
+        frac = f"{row['dtrain']['busbw_gbs'] * 1e9 / link:.2f}" if row.get("dtrain") else "n/a"
+        md += f"| {fmt_size(s)} | {frac} | {r('dtrain-fp16', 'dtrain')} | {r('dtrain-bf16', 'dtrain')} | " \
+              f"{r('dtrain', 'gloo')} |\n"
+    for p, why in notes.items():
+        md += f"\n- {p}: not measured: {why}"
+    print(md)
+    os.makedirs(args.out, exist_ok=True)
+    stem = f"allreduce-testbed-{args.hosts}h{args.ranks}r-{args.rate}"
+    with open(os.path.join(args.out, stem + ".md"), "w") as f:
+        f.write(md + "\n")
+    with open(os.path.join(args.out, stem + ".json"), "w") as f:
+        json.dump({"ranks": args.ranks, "hosts": args.hosts, "rate": args.rate, "delay": args.delay,
+                   "link_bytes_per_s": link, "results": {str(k): v for k, v in table.items()},
+                   "notes": notes}, f, indent=1)
+    if plot(table, [p for p in peers if p in results], args.ranks, os.path.join(args.out, stem + ".png"),
+            title=f"allreduce, {where}"):
+        log(f"wrote {args.out}/{stem}.png")
+
+
+def ap_default_peers():
+    return "dtrain,dtrain-fp16,dtrain-bf16,gloo,gloo-fp16,mpi"
 
 
 if __name__ == "__main__":

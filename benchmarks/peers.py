@@ -19,13 +19,15 @@ def init_gloo(timeout_s: float = 120.0):
 
     import dtrain
     dtrain.init(timeout=timeout_s)
+    # On the multi-host test bed rank 0's address is DTRAIN_MASTER_ADDR; on one host, loopback.
+    addr = os.environ.get("DTRAIN_MASTER_ADDR", "127.0.0.1")
     port = torch.zeros(1, dtype=torch.int64)
     if dtrain.rank() == 0:
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
+            s.bind((addr, 0))
             port[0] = s.getsockname()[1]
     dtrain.broadcast(port, root=0)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{int(port)}", rank=dtrain.rank(),
+    dist.init_process_group("gloo", init_method=f"tcp://{addr}:{int(port)}", rank=dtrain.rank(),
                            world_size=dtrain.world_size(), timeout=datetime.timedelta(seconds=timeout_s))
     os.environ["MASTER_PORT"] = str(int(port))
     return dist

@@ -1,0 +1,211 @@
+"""The multi-host test bed (dtrain.testing.cluster) and the native backend across its hosts.
+
+Needs root and iproute2; skipped with the reason elsewhere.
+"""
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from dtrain.testing import cluster as tb
+
+from .harness import REPO
+
+pytestmark = [pytest.mark.skipif(tb.available() is not None, reason=str(tb.available())),
+              pytest.mark.timeout(180)]
+
+
+def _netns():
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def _ours(c):
+    return {h.netns for h in c.hosts} | {c.switch}
+
+
+def test_hosts_have_own_addresses_and_reach_each_other():
+    with tb.Cluster(3) as c:
+        assert _ours(c) <= _netns()
+        addrs = [h.addr for h in c.hosts]
+        assert len(set(addrs)) == 3
+        for i, h in enumerate(c.hosts):
+            shown = c.run(i, ["ip", "-4", "-o", "addr", "show", "dev", h.ifname]).stdout
+            assert f"{h.addr}/24" in shown
+            # The host sees only its own interface and loopback: not the machine's.
+            links = c.run(i, ["ip", "-o", "link"]).stdout
+            assert {line.split(":")[1].strip().split("@")[0] for line in links.splitlines()} == {"lo", "eth0"}
+        # A TCP round trip from host 2 to host 0 through the bridge.
+        server = c.popen(0, [sys.executable, "-c", textwrap.dedent(f"""
+            import socket
+            s = socket.create_server(("{addrs[0]}", 7001)); c, peer = s.accept()
+            c.sendall(("hello " + peer[0]).encode())
+        """)])
+        client = f"""
+import socket, time
+for _ in range(100):
+    try:
+        s = socket.create_connection(("{addrs[0]}", 7001)); break
+    except ConnectionRefusedError:
+        time.sleep(0.05)
+print(s.recv(100).decode())
+"""
+        out = c.run(2, [sys.executable, "-c", client], timeout=30).stdout.strip()
+        assert server.wait(timeout=30) == 0
+        assert out == f"hello {addrs[2]}"
+    assert not (_ours(c) & _netns())
+
+
+def test_rate_is_applied():
+    with tb.Cluster(2, rate="1gbit") as c:
+        for i in range(2):
+            qd = c.run(i, ["tc", "qdisc", "show", "dev", "eth0"]).stdout
+            assert "tbf" in qd and "rate 1Gbit" in qd, qd
+
+
+def test_delay_is_applied():
+    try:
+        c = tb.Cluster(2, delay="2ms").__enter__()
+    except tb.ClusterError as e:
+        assert "netem" in str(e)  # the error says what is missing
+        pytest.skip(f"no delay on this kernel: {e}")
+    try:
+        assert "delay 2ms" in c.run(0, ["tc", "qdisc", "show", "dev", "eth0"]).stdout
+        # The delay is real: a ping-pong over TCP takes at least two one-way delays.
+        prog = textwrap.dedent(f"""
+            import socket, sys, time
+            if sys.argv[1] == "srv":
+                s = socket.create_server(("{c.hosts[1].addr}", 7002)); c, _ = s.accept()
+                for _ in range(5): c.sendall(c.recv(1))
+            else:
+                for _ in range(100):
+                    try:
+                        s = socket.create_connection(("{c.hosts[1].addr}", 7002)); break
+                    except ConnectionRefusedError:
+                        time.sleep(0.05)
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                best = 1.0
+                for _ in range(5):
+                    t = time.perf_counter(); s.sendall(b"x"); s.recv(1); best = min(best, time.perf_counter() - t)
+                print(best)
+        """)
+        srv = c.popen(1, [sys.executable, "-c", prog, "srv"])
+        rtt = float(c.run(0, [sys.executable, "-c", prog, "cli"], timeout=30).stdout)
+        srv.wait(timeout=30)
+        assert rtt >= 0.004
+    finally:
+        c.down()
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(hosts=0), "1 to 250 hosts"),
+    (dict(rate="fast"), "not a tc rate"),
+    (dict(delay="2 ms"), "not a tc time"),
+])
+def test_bad_arguments_name_the_value(bad, match):
+    with pytest.raises(ValueError, match=match):
+        tb.Cluster(**bad)
+
+
+def test_rate_units():
+    assert tb.rate_bytes_per_s("10gbit") == 1.25e9
+    assert tb.rate_bytes_per_s("800mbps") == 8e8
+    assert tb.rate_bytes_per_s("500kbit") == 62500
+
+
+def test_torn_down_after_an_exception():
+    with pytest.raises(RuntimeError, match="boom"):
+        with tb.Cluster(2) as c:
+            names = _ours(c)
+            assert names <= _netns()
+            raise RuntimeError("boom")
+    assert not (names & _netns())
+
+
+def test_processes_on_hosts_are_killed_at_teardown():
+    with tb.Cluster(1) as c:
+        p = c.popen(0, [sys.executable, "-c", "import time; time.sleep(600)"])
+        time.sleep(0.3)
+    assert p.wait(timeout=10) != 0
+
+
+def test_sigterm_and_sigkill_leave_nothing_behind(tmp_path):
+    """SIGTERM: the owner tears down. SIGKILL: the next test bed removes the orphans."""
+    prog = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {REPO!r})
+        from dtrain.testing.cluster import Cluster
+        c = Cluster(2).__enter__()
+        print(" ".join([h.netns for h in c.hosts] + [c.switch]), flush=True)
+        time.sleep(600)
+    """)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        p = subprocess.Popen([sys.executable, "-c", prog], stdout=subprocess.PIPE, text=True)
+        names = set(p.stdout.readline().split())
+        assert len(names) == 3 and names <= _netns()
+        p.send_signal(sig)
+        p.wait(timeout=30)
+        if sig == signal.SIGKILL:
+            assert names <= _netns()  # nobody could clean up ...
+            with tb.Cluster(1):
+                pass                  # ... until the next test bed starts
+        assert not (names & _netns()), f"left behind after {sig.name}"
+
+
+# ------------------------------------------------------------ the native backend across hosts
+
+_JOB = textwrap.dedent("""
+    import json, os, sys, torch, dtrain
+    dtrain.init(timeout=30)
+    r, n = dtrain.rank(), dtrain.world_size()
+    world = dtrain.comm.group.current().world
+    out = {"transports": {j: world.transport_to(j) for j in range(n) if j != r}}
+    for count in (0, 1, 7, 100003):
+        for comp in (None, "fp16"):
+            t = torch.arange(count, dtype=torch.float32) * 0.01 + r
+            dtrain.allreduce(t, compression=comp)
+            ref = (torch.arange(count, dtype=torch.float64) * 0.01 * n + sum(range(n)))
+            # fp32: n float32 roundings; fp16 wire: 11-bit mantissa, rounded at each of n hops.
+            rel = 4 * n * 2.0 ** -24 if comp is None else 2 * n * 2.0 ** -11
+            err = (t.double() - ref).abs().max().item() if count else 0.0
+            assert t.numel() == count and err <= rel * (1 + ref.abs().max().item() if count else 1), (count, comp, err)
+    b = torch.full((5,), float(r))
+    dtrain.broadcast(b, root=n - 1)
+    assert b.tolist() == [float(n - 1)] * 5
+    g = dtrain.allgather(torch.full((r + 1,), float(r)))
+    assert g.tolist() == [float(k) for k in range(n) for _ in range(k + 1)]
+    if r == 0:
+        json.dump(out, open(sys.argv[1], "w"))
+""")
+
+
+@pytest.mark.parametrize("hosts, per_host", [(2, 1), (2, 2), (3, 1)])
+def test_collectives_across_hosts(tmp_path, hosts, per_host):
+    """Ranks on one host share memory, ranks on different hosts talk TCP, and the sums are right."""
+    job = tmp_path / "job.py"
+    job.write_text(_JOB)
+    n = hosts * per_host
+    out = tmp_path / "out.json"
+    with tb.Cluster(hosts, rate="1gbit") as c:
+        env = dict(os.environ, PYTHONPATH=REPO, DTRAIN_WORLD_SIZE=str(n), DTRAIN_MASTER_ADDR=c.hosts[0].addr,
+                   DTRAIN_MASTER_PORT="29411", DTRAIN_JOB_TOKEN=secrets.token_hex(8))
+        env.pop("DTRAIN_STORE_FD", None)
+        procs = []
+        for r in range(n):
+            h = r // per_host
+            e = dict(env, DTRAIN_RANK=str(r), DTRAIN_LOCAL_RANK=str(r % per_host), DTRAIN_LOCAL_SIZE=str(per_host),
+                     DTRAIN_HOST_ID=c.hosts[h].netns)
+            procs.append(c.popen(h, [sys.executable, str(job), str(out)], env=e,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        logs = [p.communicate(timeout=120)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0] * n, "\n".join(logs)
+    transports = json.loads(out.read_text())["transports"]
+    expect = {str(j): ("shm" if j // per_host == 0 else "tcp") for j in range(1, n)}
+    assert transports == expect
