@@ -171,9 +171,14 @@ def main(argv=None):
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3, help="repeat every measurement, report the median")
-    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated model names")
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated model names or prefixes (resnet, mlp)")
     args = ap.parse_args(argv)
-    names = [m for m in args.models.split(",") if m]
+    asked = [m.strip() for m in args.models.split(",") if m.strip()]
+    names = [k for k in MODELS if any(k == m or k.startswith(m) for m in asked)]  # "mlp" picks "mlp-25M (...)"
+    unknown = [m for m in asked if not any(k.startswith(m) for k in MODELS)]
+    if unknown:
+        ap.error(f"unknown model(s) {', '.join(map(repr, unknown))}: choose from {', '.join(map(repr, MODELS))} "
+                 "(a prefix such as 'mlp' is enough)")
     ranks_list = [1, args.ranks]
     # Peers alternate within each round, and rounds repeat, so a slow spell of a shared
     # machine falls on every peer alike; each peer reports its median round.

@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include "collectives/group.h"
+#include "collectives/progress.h"
 #include "common/error.h"
 
 namespace dtrain {
@@ -164,7 +165,8 @@ class InDrainer : public Drainer {
 // Backs off while nothing moves, and checks health every few milliseconds.
 class Waiter {
  public:
-  Waiter(Group& g, Collective& c) : g_(g), c_(c), spinLimit_(g.spinLimit()) {
+  Waiter(Group& g, Collective& c)
+      : g_(g), c_(c), spinLimit_(g.spinLimit()), background_(Work::onProgressThread()) {
     lastProgress_ = lastCheck_ = Clock::now();
   }
 
@@ -175,13 +177,16 @@ class Waiter {
 
   void idle() {
     ++idle_;
-    if (idle_ < spinLimit_) {
+    // In the background (an asynchronous call nobody waits for yet, typically while the
+    // model computes), spinning would take the core from the computation: yield soon.
+    const uint64_t limit = background_ && Work::waiters() == 0 ? std::min<uint64_t>(spinLimit_, 64) : spinLimit_;
+    if (idle_ < limit) {
       _mm_pause();
       if ((idle_ & 1023) != 0) return;
-    } else if (idle_ < spinLimit_ + 32) {
+    } else if (idle_ < limit + 32) {
       sched_yield();
     } else {
-      sleepOrPoll();
+      sleepOrPoll(limit);
     }
     Clock::time_point now = Clock::now();
     if (now - lastCheck_ < std::chrono::milliseconds(10)) return;
@@ -190,7 +195,7 @@ class Waiter {
   }
 
  private:
-  void sleepOrPoll() {
+  void sleepOrPoll(uint64_t limit) {
     pollfd fds[64];
     nfds_t n = 0;
     for (const auto* legs : {&c_.ins, &c_.outs})
@@ -198,7 +203,7 @@ class Waiter {
         if (!l.finished() && l.pair->pollFd() >= 0 && n < 64)
           fds[n++] = pollfd{l.pair->pollFd(), static_cast<short>(legs == &c_.ins ? POLLIN : POLLOUT), 0};
     // Sleep longer the longer we have been idle: short waits stay fast, long ones stay cheap.
-    long us = idle_ < spinLimit_ + 2000 ? 20 : 200;
+    long us = idle_ < limit + 2000 ? 20 : 200;
     timespec ts{0, us * 1000};
     if (n > 0) ::ppoll(fds, n, &ts, nullptr);
     else ::nanosleep(&ts, nullptr);
@@ -208,6 +213,7 @@ class Waiter {
   Collective& c_;
   uint64_t idle_ = 0;
   uint64_t spinLimit_;
+  bool background_;
   Clock::time_point lastProgress_;
   Clock::time_point lastCheck_;
 };

@@ -4,6 +4,13 @@
 
 namespace dtrain {
 
+std::atomic<int> Work::waiters_{0};
+namespace {
+thread_local bool tlsProgressThread = false;
+}
+
+bool Work::onProgressThread() { return tlsProgressThread; }
+
 void Work::finish(std::exception_ptr err) {
   std::lock_guard<std::mutex> g(mu_);
   done_ = true;
@@ -12,6 +19,10 @@ void Work::finish(std::exception_ptr err) {
 }
 
 bool Work::wait(double timeout) {
+  struct Count {
+    Count() { waiters_.fetch_add(1, std::memory_order_relaxed); }
+    ~Count() { waiters_.fetch_sub(1, std::memory_order_relaxed); }
+  } count;
   std::unique_lock<std::mutex> g(mu_);
   if (timeout < 0) cv_.wait(g, [&] { return done_; });
   else if (!cv_.wait_for(g, std::chrono::duration<double>(timeout), [&] { return done_; })) return false;
@@ -66,6 +77,7 @@ void Executor::run(std::function<void()> fn) {
 }
 
 void Executor::loop() {
+  tlsProgressThread = true;
   for (;;) {
     std::unique_lock<std::mutex> g(mu_);
     cv_.wait(g, [&] { return stop_ || (!queue_.empty() && !busy_); });

@@ -4,6 +4,7 @@
 // all calls of a process still run one at a time and in the order they were made.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <deque>
 #include <exception>
@@ -21,6 +22,13 @@ class Work {
   bool wait(double timeout);
   bool completed();
 
+  // How many threads of this process are blocked in wait() right now. The progress
+  // thread spins for data only while someone waits on it; a call that nobody waits
+  // for yet (a gradient bucket during backward) yields the core to the computation.
+  static int waiters() { return waiters_.load(std::memory_order_relaxed); }
+  // True on the progress thread, where queued asynchronous calls run.
+  static bool onProgressThread();
+
  private:
   friend class Executor;
   void finish(std::exception_ptr err);
@@ -29,6 +37,7 @@ class Work {
   std::condition_variable cv_;
   bool done_ = false;
   std::exception_ptr err_;
+  static std::atomic<int> waiters_;
 };
 
 class Executor {

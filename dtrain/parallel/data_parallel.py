@@ -6,7 +6,8 @@ How a step runs (the shape DDP and Horovod share):
   parameters into buckets of about ``bucket_mb`` (reverse registration order, the
   order backward usually produces them), and hooks every parameter's gradient
   accumulation.
-* During backward, each hook copies its gradient into its bucket. A full bucket is
+* During backward, each hook copies its gradient into its bucket (a parameter with a
+  bucket of its own, uncompressed, is reduced in its ``.grad`` instead). A full bucket is
   launched (an async allreduce on the C++ progress thread) as soon as every bucket
   before it has been launched, so all ranks issue the same collectives in the same
   order even when their hooks fire in different orders.
@@ -60,13 +61,20 @@ class _Bucket:
         self.sizes = sizes
         self.numel = off
         self.dtype = dtype
-        self.buf = torch.zeros(off, dtype=dtype)
+        self._buf: Optional[torch.Tensor] = None  # allocated on first use: a solo bucket may never need it
+        self.inplace: Optional[torch.Tensor] = None  # this step's solo gradient, reduced where it lies
         self.pending = len(params)
         self.work = None
         self.scale = 1.0
         self.amax: Optional[float] = None  # largest |reduced sum| last step, for the fp16 scale
         self.wire: Optional[str] = None  # what this step's launch sent
         self.residual: Optional[torch.Tensor] = None
+
+    @property
+    def buf(self) -> torch.Tensor:
+        if self._buf is None:
+            self._buf = torch.zeros(self.numel, dtype=self.dtype)
+        return self._buf
 
     def slot(self, j: int, t: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The flat span of parameter j (of this bucket) in `t` (default: the bucket buffer)."""
@@ -97,6 +105,7 @@ class _Reducer:
         self.rebuilt = False
         self.steps = 0  # finished reductions
         self.fp32_redos = 0  # fp16 buckets that overflowed and were redone in float32
+        self.inplace_reductions = 0  # solo buckets reduced in .grad itself (no bucket copy)
         self._order: List[int] = []
         self._ready = [False] * len(params)
         self._used = torch.zeros(len(params), dtype=torch.uint8)
@@ -133,7 +142,7 @@ class _Reducer:
 
     def describe(self) -> List[dict]:
         return [{"params": len(b.params), "numel": b.numel, "dtype": str(b.dtype).replace("torch.", ""),
-                 "bytes": b.numel * b.buf.element_size()} for b in self.buckets]
+                 "bytes": b.numel * torch.empty(0, dtype=b.dtype).element_size()} for b in self.buckets]
 
     # ---- per backward
     def _on_grad(self, i: int, p: torch.nn.Parameter) -> None:
@@ -155,9 +164,19 @@ class _Reducer:
         if p.grad is not None and p.grad.is_sparse:
             raise ConfigError("sparse gradients are not supported by AllReduceStrategy: use dense "
                               "embeddings (sparse=False)")
-        b.put(j, p.grad)
+        self._stage(b, j, p.grad)
         b.pending -= 1
         self._launch_ready()
+
+    def _stage(self, b: _Bucket, j: int, grad: Optional[torch.Tensor]) -> None:
+        """Parameter j's gradient into its bucket. A bucket of one parameter (a tensor as large as
+        a bucket, or larger) sent as it is reduces the gradient where it lies: no copy in, no
+        copy out, which on one host is most of what a large model's reduction costs."""
+        b.inplace = None
+        if self._solo(b) and grad is not None and grad.dtype == b.dtype and grad.is_contiguous():
+            b.inplace = grad
+        else:
+            b.put(j, grad)
 
     def _reset(self) -> None:
         """A new reduction: nothing ready, nothing launched."""
@@ -202,7 +221,20 @@ class _Reducer:
                 b.buf.copy_(q)
             elif b.scale != 1.0:
                 b.buf.mul_(b.scale)
+        if self._solo(b):
+            # Every rank makes the same call whether its gradient is reduced in place or (absent,
+            # or not contiguous) from the bucket: the collective averages, nothing scales after.
+            op = "avg" if self.average else "sum"
+            if b.inplace is not None:
+                self.inplace_reductions += 1
+            b.work = dtrain.allreduce(b.buf if b.inplace is None else b.inplace, op=op, group=self.group,
+                                      async_op=True)
+            return
         b.work = dtrain.allreduce(b.buf, compression=wire, group=self.group, async_op=True)
+
+    def _solo(self, b: _Bucket) -> bool:
+        """A bucket of one parameter, sent uncompressed: reduced in .grad when it can be."""
+        return len(b.params) == 1 and self.compression is None
 
     def _finish(self, from_grads: bool = False) -> None:
         """End of backward: zeros for the gradients that never came (or, from step() without a
@@ -212,7 +244,7 @@ class _Reducer:
                 bi, j = self.where[i]
                 b = self.buckets[bi]
                 g = self.params[i].grad if from_grads else None
-                b.put(j, g)
+                self._stage(b, j, g)
                 if g is not None:
                     self._used[i] = 1
                 self._ready[i] = True
@@ -225,6 +257,9 @@ class _Reducer:
         used_work.wait()
         used = used.tolist()
         for b in self.buckets:
+            if b.inplace is not None:
+                b.inplace = None  # reduced (and averaged) in .grad itself
+                continue
             factor = self._unscale(b)
             for j, i in enumerate(b.params):
                 if not used[i]:
@@ -262,7 +297,7 @@ class _Reducer:
             # in gradient units (the buffer holds them times the scale), so the next scale is right
             b.amax = amax / b.scale if math.isfinite(amax) else None
         factor = 1.0 / b.scale
-        if self.average:
+        if self.average and not self._solo(b):  # a solo bucket's collective averaged already
             factor /= self.world
         return factor
 

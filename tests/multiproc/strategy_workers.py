@@ -77,14 +77,14 @@ def reference_run(opt_kind, steps):
     return model, grads
 
 
-def parity(opt_kind, compression, error_feedback, steps):
+def parity(opt_kind, compression, error_feedback, steps, bucket_mb=0.01):
     """Trains `steps` steps distributed and once in-process on the whole batch.
 
     Returns (max |param difference| over all parameters, unused.grad is None,
     reference's largest gradient per step, number of fp16 redos).
     """
     torch.set_num_threads(1)
-    strategy = dtrain.AllReduceStrategy(compression=compression, error_feedback=error_feedback, bucket_mb=0.01)
+    strategy = dtrain.AllReduceStrategy(compression=compression, error_feedback=error_feedback, bucket_mb=bucket_mb)
     r, w = strategy.rank, strategy.world_size
     torch.manual_seed(123 + r)  # different on purpose: prepare must broadcast rank 0's weights
     model = Net()
@@ -101,7 +101,8 @@ def parity(opt_kind, compression, error_feedback, steps):
         opt.step()
     ref, grads = reference_run(opt_kind, steps)
     diff = max((p - q).abs().max().item() for p, q in zip(model.parameters(), ref.parameters()))
-    return diff, model.unused.weight.grad is None, grads, strategy.reducer.fp32_redos
+    return diff, model.unused.weight.grad is None, grads, strategy.reducer.fp32_redos, \
+        strategy.reducer.inplace_reductions
 
 
 def no_sync_accumulation(micro):
@@ -129,10 +130,10 @@ def no_sync_accumulation(micro):
                if q.grad is not None)
 
 
-def partly_used():
+def partly_used(bucket_mb=25):
     """A parameter only rank 0 uses: every rank gets rank 0's gradient / world; one nobody uses stays None."""
     torch.set_num_threads(1)
-    strategy = dtrain.AllReduceStrategy()
+    strategy = dtrain.AllReduceStrategy(bucket_mb=bucket_mb)
     r, w = strategy.rank, strategy.world_size
     torch.manual_seed(0)
     lin, extra, never = nn.Linear(4, 1), nn.Linear(4, 1), nn.Linear(4, 1)

@@ -23,11 +23,16 @@ WIRE = {"DTRAIN_SHM_COMPRESSION": "1"}
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
 @pytest.mark.parametrize("world", [2, 3])
-def test_parity_fp32(world, opt):
-    out = ranks(sw.parity, world, opt, None, False, STEPS, timeout=240)
-    for diff, unused_none, _, _ in out:
+@pytest.mark.parametrize("bucket_mb", [0.01, 1e-6, 25])  # mixed; every parameter alone (reduced in place); one bucket
+def test_parity_fp32(world, opt, bucket_mb):
+    out = ranks(sw.parity, world, opt, None, False, STEPS, bucket_mb, timeout=240)
+    for diff, unused_none, _, _, inplace in out:
         assert diff <= FP32_TOL, f"parameters differ from one process by {diff}"
         assert unused_none, "a parameter no rank used must keep grad None"
+        if bucket_mb == 1e-6:
+            assert inplace >= STEPS * 4, f"solo buckets must be reduced in .grad, but only {inplace} were"
+        if bucket_mb == 25:
+            assert inplace == 0
     assert len({o[0] for o in out}) == 1, "ranks ended with different parameters"
 
 
@@ -51,7 +56,7 @@ def wire_bound(world, unit, grads, lr=0.05, momentum=0.9):
 @pytest.mark.parametrize("world", [2, 3])
 def test_parity_half_wire(world, compression, unit):
     out = ranks(sw.parity, world, "sgd", compression, False, STEPS, env=WIRE, timeout=240)
-    diff, unused_none, grads, redos = out[0]
+    diff, unused_none, grads, redos, _ = out[0]
     bound = wire_bound(world, unit, grads)
     assert diff > 0, "half-precision wire gave exactly the float32 result: compression did not run"
     assert diff <= bound, f"{compression} drift {diff} exceeds the derived bound {bound}"
@@ -77,8 +82,9 @@ def test_no_sync_equals_one_big_batch(world):
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("world", [2, 3])
-def test_parameter_used_on_one_rank(world):
-    out = ranks(sw.partly_used, world, timeout=100)
+@pytest.mark.parametrize("bucket_mb", [25, 1e-6])
+def test_parameter_used_on_one_rank(world, bucket_mb):
+    out = ranks(sw.partly_used, world, bucket_mb, timeout=100)
     for extra_grad, never_none, lin_grad in out:
         # rank 0's gradient of extra.weight is 2 (two rows of ones) per element; the others gave 0
         assert extra_grad[0] == pytest.approx([2.0 / world] * 4)
