@@ -64,6 +64,17 @@ class BuildExt(build_ext):
         super().build_extension(ext)
 
 
+def _check_zlib():
+    """zlib's header must be there: the TFRecord reader inflates gzip/zlib files with it."""
+    for d in ("/usr/include", "/usr/local/include", os.path.join(os.environ.get("CONDA_PREFIX", "/nonexistent"),
+                                                                   "include")):
+        if os.path.exists(os.path.join(d, "zlib.h")):
+            return
+    raise SystemExit("dtrain needs zlib's development files to build (zlib.h was not found): "
+                     "apt-get install zlib1g-dev  (or: dnf install zlib-devel, brew install zlib)")
+
+
+_check_zlib()
 debug = _flag("DTRAIN_DEBUG")
 compile_args = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
 compile_args += ["-fvisibility=hidden", "-Wall", "-Wno-unused-function"]
@@ -79,7 +90,7 @@ ext = Pybind11Extension(
     cxx_std=17,
     extra_compile_args=compile_args,
     extra_link_args=link_args,
-    libraries=["rt"],
+    libraries=["rt", "z"],
 )
 
 setup(ext_modules=[ext], cmdclass={"build_ext": BuildExt})

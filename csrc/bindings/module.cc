@@ -22,6 +22,8 @@
 namespace py = pybind11;
 using namespace dtrain;
 
+void bindData(py::module_& m);  // bindings/data.cc
+
 namespace {
 
 using Ptr = uintptr_t;
@@ -252,4 +254,7 @@ PYBIND11_MODULE(_C, m) {
           Digest d = hmacSha256(key, s.data(), s.size());
           return py::bytes(reinterpret_cast<const char*>(d.data()), d.size());
         }, "HMAC-SHA256, as used by the job-token handshake.");
+
+  auto data = m.def_submodule("data", "TFRecord input: framing, CRC-32C, zlib/gzip, Example parsing");
+  bindData(data);
 }
