@@ -483,7 +483,7 @@ void encodeExample(const std::vector<EncodeFeature>& features, std::string& out)
       putLen(list, 1, packed);
     }
     feature.clear();
-    putLen(feature, static_cast<uint32_t>(f.kind), list);
+    if (f.kind != 0) putLen(feature, static_cast<uint32_t>(f.kind), list);  // 0: an empty Feature
     entry.clear();
     putLen(entry, 1, f.name);
     putLen(entry, 2, feature);

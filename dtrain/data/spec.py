@@ -142,7 +142,7 @@ def _feature(name: str, v: Any):
         v = [v]
     vals = list(v)
     if not vals:
-        return 3, b"", 0, None  # an empty list; any kind reads as empty
+        return 0, b"", 0, None  # an empty Feature: reads as no values of any dtype
     if all(isinstance(x, (bytes, bytearray, memoryview, str)) for x in vals):
         bs = [x.encode() if isinstance(x, str) else bytes(x) for x in vals]
         return 1, b"".join(bs), len(bs), [len(b) for b in bs]
