@@ -108,9 +108,11 @@ ListRef featureList(Wire f) {
   return r;
 }
 
-// Values in a list, counted without storing them.
-uint64_t countValues(int kind, Wire w, uint64_t* bytes = nullptr) {
-  uint64_t n = 0;
+// Walks a list's values, checking the wire as it goes: each bytes value goes to
+// onBytes(ptr, n), each run of float32s to onFloats(ptr, count) (little-endian, as on
+// the wire), each int64 to onInt(v). Packed and unpacked encodings both arrive here.
+template <typename OnBytes, typename OnFloats, typename OnInt>
+void visitValues(int kind, Wire w, OnBytes&& onBytes, OnFloats&& onFloats, OnInt&& onInt) {
   uint32_t field;
   int wt;
   while (w.tag(field, wt)) {
@@ -121,77 +123,60 @@ uint64_t countValues(int kind, Wire w, uint64_t* bytes = nullptr) {
     if (kind == 1) {
       if (wt != kLen) w.fail("a bytes_list value with wire type " + std::to_string(wt));
       Wire v = w.sub();
-      if (bytes) *bytes += v.end - v.p;
-      ++n;
+      onBytes(v.p, static_cast<size_t>(v.end - v.p));
     } else if (kind == 2) {
       if (wt == kLen) {
         Wire v = w.sub();
-        if ((v.end - v.p) % 4) w.fail("a packed float_list of " + std::to_string(v.end - v.p) +
-                                      " bytes (not a multiple of 4)");
-        n += (v.end - v.p) / 4;
+        size_t nb = v.end - v.p;
+        if (nb % 4) w.fail("a packed float_list of " + std::to_string(nb) + " bytes (not a multiple of 4)");
+        onFloats(v.p, nb / 4);
       } else if (wt == kFixed32) {
         w.need(4);
+        onFloats(w.p, 1);
         w.p += 4;
-        ++n;
       } else {
         w.fail("a float_list value with wire type " + std::to_string(wt));
       }
     } else {
       if (wt == kLen) {
         Wire v = w.sub();
-        while (v.more()) {
-          v.varint();
-          ++n;
-        }
+        while (v.more()) onInt(v.varint());
       } else if (wt == kVarint) {
-        w.varint();
-        ++n;
+        onInt(w.varint());
       } else {
         w.fail("an int64_list value with wire type " + std::to_string(wt));
       }
     }
   }
+}
+
+// Values in a list (and, for bytes, their total size), counted without storing them.
+uint64_t countValues(int kind, Wire w, uint64_t* bytes = nullptr) {
+  uint64_t n = 0;
+  visitValues(
+      kind, w,
+      [&](const uint8_t*, size_t k) {
+        ++n;
+        if (bytes) *bytes += k;
+      },
+      [&](const uint8_t*, size_t c) { n += c; }, [&](uint64_t) { ++n; });
   return n;
 }
 
 // Writes the list's values: numbers to `out` (float32 or int64), bytes values to a sink.
 template <typename BytesSink>
 void copyValues(int kind, Wire w, uint8_t* out, BytesSink&& sink) {
-  uint32_t field;
-  int wt;
-  while (w.tag(field, wt)) {
-    if (field != 1) {
-      w.skip(wt);
-      continue;
-    }
-    if (kind == 1) {
-      Wire v = w.sub();
-      sink(v.p, static_cast<size_t>(v.end - v.p));
-    } else if (kind == 2) {
-      if (wt == kLen) {
-        Wire v = w.sub();
-        size_t nb = v.end - v.p;
-        std::memcpy(out, v.p, nb);  // little-endian, as on the wire
-        out += nb;
-      } else {
-        std::memcpy(out, w.p, 4);
-        w.p += 4;
-        out += 4;
-      }
-    } else {
-      auto put = [&](uint64_t v) {
+  visitValues(
+      kind, w, sink,
+      [&](const uint8_t* p, size_t c) {
+        std::memcpy(out, p, c * 4);
+        out += c * 4;
+      },
+      [&](uint64_t v) {
         int64_t s = static_cast<int64_t>(v);
         std::memcpy(out, &s, 8);
         out += 8;
-      };
-      if (wt == kLen) {
-        Wire v = w.sub();
-        while (v.more()) put(v.varint());
-      } else {
-        put(w.varint());
-      }
-    }
-  }
+      });
 }
 
 int kindFor(FType t) { return t == FType::kFloat32 ? 2 : t == FType::kInt64 ? 3 : 1; }

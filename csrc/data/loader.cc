@@ -21,12 +21,8 @@ bool Loader::nextRecord(Record& r) {
     if (!reader_) {
       if (file_ >= files_.size()) return false;
       reader_ = std::make_unique<RecordReader>(files_[file_], c_, onError_, verify_, bufferBytes_);
-      inFile_ = 0;
     }
-    if (reader_->next(r)) {
-      ++inFile_;
-      return true;
-    }
+    if (reader_->next(r)) return true;
     const ReaderStats& rs = reader_->stats();
     stats_.badRecords += rs.badRecords;
     for (const auto& p : reader_->problems()) note(p);

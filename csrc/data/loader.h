@@ -34,9 +34,6 @@ class Loader {
 
   const LoaderStats& stats() const { return stats_; }
   std::vector<std::string> problems() const { return problems_; }
-  // Where reading stands: the file index and the offset of the next record in it.
-  size_t fileIndex() const { return file_; }
-  uint64_t recordsInFile() const { return inFile_; }
 
  private:
   bool nextRecord(Record& r);
@@ -51,8 +48,6 @@ class Loader {
   bool verify_;
   size_t bufferBytes_;
   size_t file_ = 0;
-  uint64_t inFile_ = 0;
-  uint64_t badFromClosed_ = 0;
   std::unique_ptr<RecordReader> reader_;
   LoaderStats stats_;
   std::vector<std::string> problems_;

@@ -121,7 +121,7 @@ class TFRecordDataset(torch.utils.data.IterableDataset):
                 b = loader.next()
                 if b is None:
                     break
-                cols = self._columns(b)
+                cols = columns(self.spec, b)
                 if batched:
                     yield cols
                 else:
@@ -149,24 +149,6 @@ class TFRecordDataset(torch.utils.data.IterableDataset):
         finally:
             self._stats, self._problems = dict(loader.stats()), list(loader.problems())
 
-    def _columns(self, b) -> Dict[str, Any]:
-        out: Dict[str, Any] = {}
-        rows = b.rows
-        for i, (name, f) in enumerate(self.spec.items()):
-            if f.dtype == "bytes":
-                vals = b.bytes_values(i)
-                out[name] = [v[0] for v in vals] if isinstance(f, FixedLen) and f.shape == () else vals
-                if isinstance(f, VarLen):
-                    out[name + "_lengths"] = torch.tensor(b.lengths(i), dtype=torch.int64)
-                continue
-            dt = TORCH[f.dtype]
-            if isinstance(f, FixedLen):
-                out[name] = _tensor(b.data(i), dt, (rows,) + f.shape)
-            else:
-                out[name] = _tensor(b.padded(i), dt, (rows, b.max_len(i)))
-                out[name + "_lengths"] = torch.tensor(b.lengths(i), dtype=torch.int64)
-        return out
-
     def _rows(self, cols: Dict[str, Any], rows: int):
         for r in range(rows):
             rec = {}
@@ -188,6 +170,27 @@ class TFRecordDataset(torch.utils.data.IterableDataset):
     def problems(self) -> List[str]:
         """Messages of the records skipped in the last pass (first 100)."""
         return list(self._problems)
+
+
+def columns(spec: Dict[str, Any], b) -> Dict[str, Any]:
+    """A parsed C++ batch as a dict: FixedLen -> [rows, *shape] tensors (views of the batch's
+    buffers); VarLen -> padded [rows, L] plus `<name>_lengths`; bytes -> lists."""
+    out: Dict[str, Any] = {}
+    rows = b.rows
+    for i, (name, f) in enumerate(spec.items()):
+        if f.dtype == "bytes":
+            vals = b.bytes_values(i)
+            out[name] = [v[0] for v in vals] if isinstance(f, FixedLen) and f.shape == () else vals
+            if isinstance(f, VarLen):
+                out[name + "_lengths"] = torch.tensor(b.lengths(i), dtype=torch.int64)
+            continue
+        dt = TORCH[f.dtype]
+        if isinstance(f, FixedLen):
+            out[name] = _tensor(b.data(i), dt, (rows,) + f.shape)
+        else:
+            out[name] = _tensor(b.padded(i), dt, (rows, b.max_len(i)))
+            out[name + "_lengths"] = torch.tensor(b.lengths(i), dtype=torch.int64)
+    return out
 
 
 def _tensor(view, dtype: torch.dtype, shape) -> torch.Tensor:

@@ -110,21 +110,18 @@ def encode_example(features: Dict[str, Any]) -> bytes:
     bytes_list; lists, tuples and tensors/arrays of those likewise (a uint8 tensor is one
     bytes value)."""
     from dtrain import _C
-    rows = []
-    keep = []
+    rows = []  # each row holds its buffer, which keeps it alive through the call
     for name, v in features.items():
         if not isinstance(name, str):
             raise ConfigError(f"Example feature names are str, got {name!r}")
-        kind, buf, count, lens = _feature(name, v)
-        keep.append(buf)
-        rows.append((name, kind, buf, count, lens))
+        rows.append((name, *_feature(name, v)))
     return _C.data.encode_example(rows)
 
 
 def _feature(name: str, v: Any):
     if isinstance(v, (bytes, bytearray, memoryview, str)):
         v = [v]
-    if hasattr(v, "numpy") and isinstance(v, torch.Tensor):
+    if isinstance(v, torch.Tensor):
         t = v.detach().cpu()
         if t.dtype == torch.uint8:
             b = t.contiguous().numpy().tobytes()
@@ -138,7 +135,7 @@ def _feature(name: str, v: Any):
         raise ConfigError(f"feature {name!r}: tensors of {t.dtype} have no Example list type")
     if type(v).__module__ == "numpy":
         return _feature(name, torch.from_numpy(__import__("numpy").ascontiguousarray(v)))
-    if isinstance(v, (int, float)) and not isinstance(v, bool) or isinstance(v, bool):
+    if isinstance(v, (int, float)):  # bool is an int
         v = [v]
     vals = list(v)
     if not vals:

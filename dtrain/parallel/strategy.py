@@ -44,7 +44,8 @@ class Strategy:
     # ---- training
     def prepare(self, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None
                 ) -> Tuple[torch.nn.Module, Optional[torch.optim.Optimizer]]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not implement prepare(): use LocalStrategy, "
+                                  "AllReduceStrategy or another concrete strategy")
 
     @contextlib.contextmanager
     def no_sync(self, model: Optional[torch.nn.Module] = None):

@@ -195,9 +195,7 @@ def float_unpacked(*vals):
 
 def parse(spec, *records):
     b = _C.data.parse_examples(data.spec.to_schema(spec), list(records))
-    ds = data.TFRecordDataset.__new__(data.TFRecordDataset)
-    ds.spec = spec
-    return data.TFRecordDataset._columns(ds, b)
+    return data.dataset.columns(spec, b)
 
 
 def test_unpacked_values_value_before_key_unknown_fields_and_repeated_keys():
