@@ -2,6 +2,7 @@
 // Blocking calls release the GIL. Batch columns reach Python through the buffer
 // protocol (torch.frombuffer), without a copy; the buffer keeps its batch alive.
 #include <pybind11/pybind11.h>
+#include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
 #include <memory>
@@ -9,7 +10,7 @@
 #include "common/error.h"
 #include "data/crc32c.h"
 #include "data/example.h"
-#include "data/loader.h"
+#include "data/pipeline.h"
 #include "data/record_reader.h"
 
 namespace py = pybind11;
@@ -208,37 +209,103 @@ void bindData(py::module_& m) {
       .def_property_readonly("records", &RecordWriter::records)
       .def_property_readonly("offset", &RecordWriter::offset);
 
-  py::class_<Loader>(m, "Loader")
+  py::class_<Pipeline>(m, "Pipeline")
       .def(py::init([](std::vector<std::string> files, const std::string& comp, std::shared_ptr<Schema> schema,
-                       size_t batch, bool drop, bool skip, bool verify, size_t buf) {
-             return std::make_unique<Loader>(std::move(files), parseCompression(comp), std::move(schema), batch, drop,
-                                             skip ? OnError::kSkip : OnError::kRaise, verify, buf);
+                       std::vector<std::tuple<int32_t, uint64_t, uint64_t, int64_t>> ranges, py::object refs,
+                       size_t refsPerSegment, size_t batch, bool drop, bool skip, bool verify, size_t buf,
+                       size_t cycle, size_t block, size_t shuffle, uint64_t seed, size_t workers, size_t prefetch,
+                       uint64_t skipRecords, size_t chunkBytes) {
+             PipelineOptions o;
+             o.files = std::move(files);
+             o.compression = parseCompression(comp);
+             o.schema = std::move(schema);
+             o.batchSize = batch;
+             o.dropRemainder = drop;
+             o.onError = skip ? OnError::kSkip : OnError::kRaise;
+             o.verify = verify;
+             o.bufferBytes = buf;
+             o.cycle = cycle;
+             o.block = block;
+             o.shuffleBuffer = shuffle;
+             o.seed = seed;
+             o.workers = workers;
+             o.prefetch = prefetch;
+             o.skipRecords = skipRecords;
+             o.chunkBytes = chunkBytes;
+             std::vector<Segment> segs;
+             for (const auto& [file, start, skipN, take] : ranges) {
+               Segment s;
+               s.file = file;
+               s.start = start;
+               s.skip = skipN;
+               s.take = take < 0 ? UINT64_MAX : static_cast<uint64_t>(take);
+               segs.push_back(std::move(s));
+             }
+             if (!refs.is_none()) {  // (file, offset, frame length) arrays, cut into segments
+               using Arr = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+               auto t = refs.cast<py::tuple>();
+               Arr f = t[0].cast<Arr>(), off = t[1].cast<Arr>(), len = t[2].cast<Arr>();
+               DTRAIN_CHECK(f.size() == off.size() && f.size() == len.size(), kConfig,
+                            "record refs need equal-length file, offset and length arrays");
+               DTRAIN_CHECK(refsPerSegment > 0, kConfig, "refs_per_segment must be at least 1");
+               const int64_t *pf = f.data(), *po = off.data(), *pl = len.data();
+               for (py::ssize_t i = 0; i < f.size(); i += refsPerSegment) {
+                 Segment s;
+                 s.file = static_cast<int32_t>(pf[i]);
+                 for (py::ssize_t j = i; j < std::min<py::ssize_t>(f.size(), i + refsPerSegment); ++j)
+                   s.refs.push_back(RecordRef{static_cast<int32_t>(pf[j]), static_cast<uint64_t>(po[j]),
+                                              static_cast<uint64_t>(pl[j])});
+                 segs.push_back(std::move(s));
+               }
+             }
+             return std::make_unique<Pipeline>(std::move(o), std::move(segs));
            }),
-           py::arg("files"), py::arg("compression"), py::arg("schema"), py::arg("batch_size"),
-           py::arg("drop_remainder") = false, py::arg("skip") = false, py::arg("verify") = true,
-           py::arg("buffer_bytes") = size_t(1) << 20)
-      .def("next", &Loader::next, Release(), "The next batch, or None at the end.")
-      .def("next_raw", [](Loader& l, size_t n) {
-             std::vector<std::string> recs;
+           py::arg("files"), py::arg("compression"), py::arg("schema"), py::arg("ranges"), py::arg("refs") = py::none(),
+           py::arg("refs_per_segment") = 256, py::arg("batch_size") = 256, py::arg("drop_remainder") = false,
+           py::arg("skip") = false, py::arg("verify") = true, py::arg("buffer_bytes") = size_t(1) << 20,
+           py::arg("cycle") = 1, py::arg("block") = 1, py::arg("shuffle_buffer") = 0, py::arg("seed") = 0,
+           py::arg("workers") = 2, py::arg("prefetch") = 2, py::arg("skip_records") = 0,
+           py::arg("chunk_bytes") = size_t(1) << 20)
+      .def("next", [](Pipeline& p) -> py::object {
+             std::shared_ptr<Batch> batch;
+             std::shared_ptr<RawBatch> raw;
+             bool more;
              {
                py::gil_scoped_release nogil;
-               recs = l.nextRaw(n);
+               more = p.next(batch, raw);
              }
+             if (!more) return py::none();
+             if (batch) return py::cast(batch);
              py::list out;
-             for (auto& r : recs) out.append(py::bytes(r));
+             for (size_t i = 0; i < raw->rows(); ++i)
+               out.append(py::bytes(reinterpret_cast<const char*>(raw->data[i]), raw->size[i]));
              return out;
-           })
-      .def("problems", &Loader::problems)
-      .def("stats", [](Loader& l) {
-             const LoaderStats& s = l.stats();
+           }, "The next batch (a Batch, or a list of bytes without a schema), or None at the end.")
+      .def("close", &Pipeline::close, Release())
+      .def_property_readonly("threads", &Pipeline::threads)
+      .def("problems", &Pipeline::problems)
+      .def("stats", [](Pipeline& p) {
+             const PipelineStats s = p.stats();
              py::dict d;
              d["records"] = s.records;
              d["bytes"] = s.bytes;
              d["bad_records"] = s.badRecords;
              d["bad_examples"] = s.badExamples;
              d["batches"] = s.batches;
+             d["resumed"] = s.resumed;
+             d["dropped"] = s.dropped;
+             d["wait_s"] = s.waitNs * 1e-9;
+             d["read_s"] = s.readNs * 1e-9;
+             d["parse_s"] = s.parseNs * 1e-9;
              return d;
            });
+
+  m.def("count_records", [](const std::string& path, const std::string& comp, bool skip) {
+          Compression c = parseCompression(comp);
+          py::gil_scoped_release nogil;
+          return countRecords(path, c, skip ? OnError::kSkip : OnError::kRaise);
+        }, py::arg("path"), py::arg("compression") = "", py::arg("skip") = false,
+        "Records a reader would return from the file (both CRCs checked).");
 
   m.def("index_file", [](const std::string& path, const std::string& comp) {
           Compression c = parseCompression(comp);
