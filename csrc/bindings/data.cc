@@ -36,7 +36,7 @@ struct View {
   size_t size;
 };
 
-View view(const std::shared_ptr<Batch>& b, std::vector<uint8_t>& v) { return View{b, v.data(), v.size()}; }
+View view(const std::shared_ptr<Batch>& b, Buffer& v) { return View{b, v.data(), v.size()}; }
 
 }  // namespace
 
@@ -214,7 +214,7 @@ void bindData(py::module_& m) {
                        std::vector<std::tuple<int32_t, uint64_t, uint64_t, int64_t>> ranges, py::object refs,
                        size_t refsPerSegment, size_t batch, bool drop, bool skip, bool verify, size_t buf,
                        size_t cycle, size_t block, size_t shuffle, uint64_t seed, size_t workers, size_t prefetch,
-                       uint64_t skipRecords, size_t chunkBytes) {
+                       uint64_t skipRecords, size_t chunkBytes, size_t readAhead) {
              PipelineOptions o;
              o.files = std::move(files);
              o.compression = parseCompression(comp);
@@ -232,6 +232,7 @@ void bindData(py::module_& m) {
              o.prefetch = prefetch;
              o.skipRecords = skipRecords;
              o.chunkBytes = chunkBytes;
+             o.readAheadBytes = readAhead;
              std::vector<Segment> segs;
              for (const auto& [file, start, skipN, take] : ranges) {
                Segment s;
@@ -265,7 +266,7 @@ void bindData(py::module_& m) {
            py::arg("skip") = false, py::arg("verify") = true, py::arg("buffer_bytes") = size_t(1) << 20,
            py::arg("cycle") = 1, py::arg("block") = 1, py::arg("shuffle_buffer") = 0, py::arg("seed") = 0,
            py::arg("workers") = 2, py::arg("prefetch") = 2, py::arg("skip_records") = 0,
-           py::arg("chunk_bytes") = size_t(1) << 20)
+           py::arg("chunk_bytes") = size_t(1) << 20, py::arg("read_ahead_bytes") = size_t(32) << 20)
       .def("next", [](Pipeline& p) -> py::object {
              std::shared_ptr<Batch> batch;
              std::shared_ptr<RawBatch> raw;

@@ -53,14 +53,68 @@ uint32_t crcTable(const uint8_t* p, size_t n, uint32_t crc) {
 }
 
 #ifdef DTRAIN_CRC_X86
+// Advancing a raw CRC register over k zero bytes is linear in the register, so it is
+// four table lookups (one per register byte). Three streams over adjacent lanes of a
+// block are then joined: crc(A B C) = zeros(|B C|, crc(A)) ^ zeros(|C|, crc(B)) ^ crc(C).
+struct Shift {
+  uint32_t t[4][256];
+  explicit Shift(size_t k) {
+    const Tables& T = tables();
+    uint32_t bit[32];
+    for (int i = 0; i < 32; ++i) {
+      uint32_t c = 1u << i;
+      for (size_t j = 0; j < k; ++j) c = (c >> 8) ^ T.t[0][c & 0xff];
+      bit[i] = c;
+    }
+    for (int b = 0; b < 4; ++b)
+      for (uint32_t v = 0; v < 256; ++v) {
+        uint32_t c = 0;
+        for (int i = 0; i < 8; ++i)
+          if (v >> i & 1) c ^= bit[8 * b + i];
+        t[b][v] = c;
+      }
+  }
+  uint32_t operator()(uint32_t c) const {
+    return t[0][c & 0xff] ^ t[1][(c >> 8) & 0xff] ^ t[2][(c >> 16) & 0xff] ^ t[3][c >> 24];
+  }
+};
+
+template <size_t kLane>
+struct Lanes {
+  Shift one{kLane}, two{2 * kLane};
+};
+
+template <size_t kLane>
+__attribute__((target("sse4.2"))) uint64_t crcHw3(const uint8_t*& p, size_t& n, uint64_t c) {
+  static const Lanes<kLane> L;
+  // The crc32 instruction takes 3 cycles but issues every cycle: three independent
+  // streams run about three times as fast as one.
+  while (n >= 3 * kLane) {
+    uint64_t c1 = 0, c2 = 0;
+    for (size_t i = 0; i < kLane; i += 8) {
+      uint64_t a, b, d;
+      std::memcpy(&a, p + i, 8);
+      std::memcpy(&b, p + kLane + i, 8);
+      std::memcpy(&d, p + 2 * kLane + i, 8);
+      c = _mm_crc32_u64(c, a);
+      c1 = _mm_crc32_u64(c1, b);
+      c2 = _mm_crc32_u64(c2, d);
+    }
+    c = L.two(static_cast<uint32_t>(c)) ^ L.one(static_cast<uint32_t>(c1)) ^ static_cast<uint32_t>(c2);
+    p += 3 * kLane;
+    n -= 3 * kLane;
+  }
+  return c;
+}
+
 __attribute__((target("sse4.2"))) uint32_t crcHw(const uint8_t* p, size_t n, uint32_t crc) {
-  uint64_t c = ~crc;
+  uint64_t c = static_cast<uint32_t>(~crc);
   while (n && (reinterpret_cast<uintptr_t>(p) & 7)) {
     c = _mm_crc32_u8(static_cast<uint32_t>(c), *p++);
     --n;
   }
-  // One stream: 8 bytes per instruction, about 8 GB/s per core, several times what
-  // reading and parsing a record costs; splitting into parallel streams is not needed.
+  c = crcHw3<1024>(p, n, c);
+  c = crcHw3<128>(p, n, c);
   while (n >= 8) {
     uint64_t w;
     std::memcpy(&w, p, 8);

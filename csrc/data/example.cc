@@ -376,6 +376,25 @@ void Batch::finish() {
   }
 }
 
+void Batch::reset() {
+  const auto& fs = schema_->features;
+  for (size_t i = 0; i < fs.size(); ++i) {
+    const FeatureSpec& s = fs[i];
+    Column& c = cols_[i];
+    c.lengths.clear();
+    c.valueLens.clear();
+    c.padded.clear();
+    c.maxLen = 0;
+    if (!s.varlen && s.dtype != FType::kBytes)
+      c.data.resize(capacity_ * s.numel * ftypeSize(s.dtype));
+    else
+      c.data.clear();
+  }
+  offsets.clear();
+  files.clear();
+  rows_ = 0;
+}
+
 // ------------------------------------------------------------------ inspect
 
 std::vector<FoundFeature> inspectExample(const uint8_t* p, size_t n, bool sequence) {

@@ -16,7 +16,10 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
+
+#include "data/buffer.h"
 
 namespace dtrain {
 namespace data {
@@ -49,11 +52,11 @@ struct ParseError : std::runtime_error {
 
 // One feature's values over the rows of a batch.
 struct Column {
-  std::vector<uint8_t> data;       // fixed: rows*numel elements; varlen: all values, row after row
+  Buffer data;       // fixed: rows*numel elements; varlen: all values, row after row
   std::vector<int64_t> lengths;    // varlen: values per row
   std::vector<uint64_t> valueLens; // kBytes: the byte length of every value, in order
   // After finish(): varlen numeric/uint8 rows padded to the longest, zeros after each row's end.
-  std::vector<uint8_t> padded;
+  Buffer padded;
   int64_t maxLen = 0;
 };
 
@@ -65,6 +68,8 @@ class Batch {
   void add(const uint8_t* p, size_t n);
   // Pads the varlen columns; call once, after the last add().
   void finish();
+  // Empties the batch for reuse, keeping its memory.
+  void reset();
   size_t rows() const { return rows_; }
   const Schema& schema() const { return *schema_; }
   Column& column(size_t i) { return cols_[i]; }

@@ -39,6 +39,38 @@ uint32_t load32(const uint8_t* p) {
 
 }  // namespace
 
+// Objects handed out as shared_ptrs that come back here when their last user lets go
+// (also from another thread, or after the pipeline is gone), so big buffers are
+// reused instead of being unmapped and faulted in again for every batch.
+template <class T>
+struct Pipeline::Recycler {
+  explicit Recycler(size_t keep) : keep(keep) {}
+  std::mutex mu;
+  std::vector<std::unique_ptr<T>> free;
+  size_t keep;
+
+  template <class Make, class Fits>
+  static std::shared_ptr<T> get(const std::shared_ptr<Recycler>& r, Make make, Fits fits) {
+    std::unique_ptr<T> obj;
+    {
+      std::lock_guard<std::mutex> lk(r->mu);
+      if (!r->free.empty()) {
+        obj = std::move(r->free.back());
+        r->free.pop_back();
+      }
+    }
+    if (!obj || !fits(*obj)) obj = make();
+    std::weak_ptr<Recycler> home = r;
+    return std::shared_ptr<T>(obj.release(), [home](T* p) {
+      std::unique_ptr<T> own(p);
+      if (auto r = home.lock()) {
+        std::lock_guard<std::mutex> lk(r->mu);
+        if (r->free.size() < r->keep) r->free.push_back(std::move(own));
+      }
+    });
+  }
+};
+
 struct Pipeline::SegState {
   std::deque<std::shared_ptr<Chunk>> queue;
   bool busy = false;
@@ -70,6 +102,9 @@ Pipeline::Pipeline(PipelineOptions options, std::vector<Segment> segments)
     DTRAIN_CHECK(s.refs.empty() || o_.compression == Compression::kNone, kConfig,
                  "records of compressed files cannot be read out of order; shuffle with a buffer instead");
   }
+  buffers_ = std::make_shared<Recycler<Buffer>>(o_.readAheadBytes / std::max<size_t>(o_.bufferBytes, 1) + 2 * o_.workers +
+                                                 2 * o_.cycle + 8);
+  batches_ = std::make_shared<Recycler<Batch>>(o_.prefetch + 2 * o_.workers + 4);
   st_.reserve(segs_.size());
   for (size_t i = 0; i < segs_.size(); ++i) st_.push_back(std::make_unique<SegState>());
   fds_.assign(o_.files.size(), -1);
@@ -133,7 +168,9 @@ bool Pipeline::next(std::shared_ptr<Batch>& batch, std::shared_ptr<RawBatch>& ra
   raw.reset();
   std::unique_lock<std::mutex> lk(mu_);
   const uint64_t t0 = nowNs();
+  outWaiting_ = true;
   cvOut_.wait(lk, [&] { return stop_ || failed_ || results_.count(nextOut_) || nextOut_ >= totalSeq_; });
+  outWaiting_ = false;
   stats_.waitNs += nowNs() - t0;
   auto it = results_.find(nextOut_);
   if (stop_ || failed_ || it == results_.end()) return false;
@@ -147,8 +184,8 @@ bool Pipeline::next(std::shared_ptr<Batch>& batch, std::shared_ptr<RawBatch>& ra
     std::rethrow_exception(out.error);
   }
   ++stats_.batches;
+  if (asmWaiting_) cvAsm_.notify_one();
   lk.unlock();
-  cvAsm_.notify_one();
   batch = std::move(out.batch);
   raw = std::move(out.raw);
   return true;
@@ -159,7 +196,7 @@ bool Pipeline::next(std::shared_ptr<Batch>& batch, std::shared_ptr<RawBatch>& ra
 int Pipeline::pickSegment() {
   auto readable = [&](int s) {
     const SegState& st = *st_[s];
-    return !st.done && !st.busy && st.queue.size() < kQueueChunks;
+    return !st.done && !st.busy && (st.queue.size() < kQueueChunks || queued_ + o_.chunkBytes <= o_.readAheadBytes);
   };
   if (wanted_ >= 0 && readable(wanted_)) return wanted_;
   for (int s : slots_)
@@ -182,7 +219,9 @@ void Pipeline::workerLoop() {
     }
     int s = pickSegment();
     if (s < 0) {
+      ++idle_;
       cvWork_.wait(lk);
+      --idle_;
       continue;
     }
     st_[s]->busy = true;
@@ -195,7 +234,10 @@ void Pipeline::workerLoop() {
     stats_.readNs += dt;
     SegState& st = *st_[s];
     st.busy = false;
-    if (c->rows() || c->error) st.queue.push_back(std::move(c));
+    if (c->rows() || c->error) {
+      queued_ += c->bytes;
+      st.queue.push_back(std::move(c));
+    }
     if (finished) {
       st.done = true;
       if (st.reader) {
@@ -204,13 +246,12 @@ void Pipeline::workerLoop() {
         st.reader.reset();
       }
     }
-    cvAsm_.notify_all();
+    if (asmWaiting_) cvAsm_.notify_one();
   }
 }
 
 std::shared_ptr<Chunk> Pipeline::readChunk(int s, bool& finished) {
   auto c = std::make_shared<Chunk>();
-  c->arena.reserve(o_.chunkBytes + (o_.chunkBytes >> 3));
   try {
     if (segs_[s].refs.empty())
       readRange(s, *c, finished);
@@ -230,9 +271,14 @@ void Pipeline::readRange(int s, Chunk& c, bool& finished) {
     st.reader = std::make_unique<RecordReader>(o_.files[seg.file], o_.compression, o_.onError, o_.verify,
                                                o_.bufferBytes);
     if (seg.start) st.reader->seek(seg.start);
+    st.reader->setBufferSource([pool = buffers_](size_t n) {
+      return Recycler<Buffer>::get(pool, [n] { return std::make_unique<Buffer>(n); },
+                                   [n](const Buffer& b) { return b.size() >= n; });
+    });
   }
   Record r;
-  while (c.arena.size() < o_.chunkBytes && c.rows() < kChunkRecords) {
+  const Buffer* last = nullptr;
+  while (c.bytes < o_.chunkBytes && c.rows() < kChunkRecords) {
     if (st.taken >= seg.take || !st.reader->next(r)) {
       finished = true;
       return;
@@ -242,11 +288,15 @@ void Pipeline::readRange(int s, Chunk& c, bool& finished) {
       continue;
     }
     ++st.taken;
-    c.begin.push_back(c.arena.size());
+    if (st.reader->buffer().get() != last) {  // hold the buffer: the reader then leaves it alone
+      c.bufs.push_back(st.reader->buffer());
+      last = c.bufs.back().get();
+    }
+    c.data.push_back(r.data);
     c.size.push_back(r.size);
     c.offset.push_back(r.offset);
     c.file.push_back(seg.file);
-    c.arena.insert(c.arena.end(), r.data, r.data + r.size);
+    c.bytes += r.size;
   }
 }
 
@@ -263,12 +313,15 @@ int Pipeline::fd(int32_t file) {
 void Pipeline::readRefs(int s, Chunk& c, bool& finished) {
   const Segment& seg = segs_[s];
   SegState& st = *st_[s];
-  while (c.arena.size() < o_.chunkBytes && c.rows() < kChunkRecords) {
-    if (st.refPos >= seg.refs.size()) {
-      finished = true;
-      return;
-    }
-    const RecordRef& ref = seg.refs[st.refPos++];
+  // Frames land back to back in the arena, sized once so record pointers stay valid.
+  size_t end = st.refPos;
+  uint64_t total = 0;
+  while (end < seg.refs.size() && total < o_.chunkBytes && end - st.refPos < kChunkRecords)
+    total += std::max<uint64_t>(seg.refs[end++].frameLen, 16);
+  c.arena.resize(total);
+  uint64_t at = 0;
+  for (; st.refPos < end; ++st.refPos) {
+    const RecordRef& ref = seg.refs[st.refPos];
     const std::string& path = o_.files[ref.file];
     auto bad = [&](const std::string& what) {
       std::string msg = path + ": bad record at byte offset " + std::to_string(ref.offset) + ": " + what;
@@ -279,14 +332,13 @@ void Pipeline::readRefs(int s, Chunk& c, bool& finished) {
       ++stats_.badRecords;
       note(msg);
     };
+    uint8_t* p = c.arena.data() + at;
+    at += std::max<uint64_t>(ref.frameLen, 16);
     if (ref.frameLen < 16) {
       bad("the index gives a frame of " + std::to_string(ref.frameLen) + " bytes; a record takes at least 16");
       continue;
     }
     const uint64_t len = ref.frameLen - 16;
-    const size_t at = c.arena.size();
-    c.arena.resize(at + ref.frameLen);
-    uint8_t* p = c.arena.data() + at;
     uint64_t got = 0;
     const int f = fd(ref.file);
     while (got < ref.frameLen) {
@@ -297,9 +349,9 @@ void Pipeline::readRefs(int s, Chunk& c, bool& finished) {
       if (k == 0) break;
       got += static_cast<uint64_t>(k);
     }
+    uint64_t hdrLen = 0;
+    if (got >= 8) std::memcpy(&hdrLen, p, 8);
     std::string problem;
-    uint64_t hdrLen;
-    std::memcpy(&hdrLen, p, got >= 8 ? 8 : 0);
     if (got < ref.frameLen)
       problem = "the index gives a " + std::to_string(ref.frameLen) + "-byte record but the file ends after " +
                 std::to_string(got) + " bytes (the index does not belong to this file: rebuild it)";
@@ -311,17 +363,16 @@ void Pipeline::readRefs(int s, Chunk& c, bool& finished) {
     else if (o_.verify && crc32c(p + 12, len) != unmaskCrc(load32(p + 12 + len)))
       problem = "the data CRC does not match (" + std::to_string(len) + " data bytes): the payload is damaged";
     if (!problem.empty()) {
-      c.arena.resize(at);
       bad(problem);
       continue;
     }
-    std::memmove(p, p + 12, len);  // keep only the payload
-    c.arena.resize(at + len);
-    c.begin.push_back(at);
+    c.data.push_back(p + 12);
     c.size.push_back(len);
     c.offset.push_back(ref.offset);
     c.file.push_back(ref.file);
+    c.bytes += len;
   }
+  if (st.refPos >= seg.refs.size()) finished = true;
 }
 
 void Pipeline::parse(uint64_t seq, std::shared_ptr<RawBatch> raw) {
@@ -330,7 +381,9 @@ void Pipeline::parse(uint64_t seq, std::shared_ptr<RawBatch> raw) {
   uint64_t badExamples = 0, bytes = 0;
   std::vector<std::string> msgs;
   try {
-    auto b = std::make_shared<Batch>(o_.schema, std::max<size_t>(raw->rows(), 1));
+    std::shared_ptr<Batch> b = Recycler<Batch>::get(
+        batches_, [&] { return std::make_unique<Batch>(o_.schema, o_.batchSize); }, [](const Batch&) { return true; });
+    b->reset();
     for (size_t i = 0; i < raw->rows(); ++i) {
       try {
         b->add(raw->data[i], raw->size[i]);
@@ -364,8 +417,8 @@ void Pipeline::parse(uint64_t seq, std::shared_ptr<RawBatch> raw) {
       stats_.bytes += bytes;
     }
     results_[seq] = std::move(out);
+    if (outWaiting_) cvOut_.notify_one();
   }
-  cvOut_.notify_all();
 }
 
 // ---------------------------------------------------------------- assembler
@@ -388,7 +441,7 @@ Pipeline::Pull Pipeline::pull(size_t slot, const uint8_t*& data, uint64_t& size,
     if (c) {
       size_t& i = pos_[slot];
       if (i < c->rows()) {
-        data = c->arena.data() + c->begin[i];
+        data = c->data[i];
         size = c->size[i];
         offset = c->offset[i];
         file = c->file[i];
@@ -407,17 +460,19 @@ Pipeline::Pull Pipeline::pull(size_t slot, const uint8_t*& data, uint64_t& size,
     SegState& st = *st_[s];
     if (st.queue.empty() && !st.done) {
       wanted_ = s;
-      cvWork_.notify_all();
+      if (idle_) cvWork_.notify_all();
+      asmWaiting_ = true;
       cvAsm_.wait(lk, [&] { return stop_ || !st.queue.empty() || st.done; });
+      asmWaiting_ = false;
       wanted_ = -1;
     }
     if (stop_) return Pull::kStop;
     if (st.queue.empty()) return Pull::kEnd;
+    queued_ -= st.queue.front()->bytes;
     cur_[slot] = std::move(st.queue.front());
     st.queue.pop_front();
     pos_[slot] = 0;
-    lk.unlock();
-    cvWork_.notify_one();  // room in this segment's queue
+    if (idle_) cvWork_.notify_one();  // room in this segment's queue
   }
 }
 
@@ -425,20 +480,20 @@ bool Pipeline::submit() {
   std::shared_ptr<RawBatch> raw = std::move(open_);
   open_.reset();
   std::unique_lock<std::mutex> lk(mu_);
+  asmWaiting_ = true;
   cvAsm_.wait(lk, [&] { return stop_ || failed_ || nextSeq_ < nextOut_ + o_.prefetch + o_.workers; });
+  asmWaiting_ = false;
   if (stop_ || failed_) return false;
   const uint64_t seq = nextSeq_++;
   if (!o_.schema) {  // raw records need no parsing
     for (size_t i = 0; i < raw->rows(); ++i) stats_.bytes += raw->size[i];
     stats_.records += raw->rows();
     results_[seq].raw = std::move(raw);
-    lk.unlock();
-    cvOut_.notify_all();
+    if (outWaiting_) cvOut_.notify_one();
     return true;
   }
   parseQueue_.emplace_back(seq, std::move(raw));
-  lk.unlock();
-  cvWork_.notify_one();
+  if (idle_) cvWork_.notify_one();
   return true;
 }
 
@@ -502,7 +557,7 @@ void Pipeline::assemble() {
         pos_.erase(pos_.begin() + rr);
       }
       turn = 0;
-      cvWork_.notify_all();
+      if (idle_) cvWork_.notify_all();
       continue;
     }
     if (++turn >= o_.block) {

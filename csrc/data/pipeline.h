@@ -67,6 +67,7 @@ struct PipelineOptions {
   size_t prefetch = 2;           // parsed batches kept ready ahead of the consumer
   uint64_t skipRecords = 0;      // records of the final order passed over first (resuming)
   size_t chunkBytes = 1 << 20;   // records read per worker task
+  size_t readAheadBytes = 32 << 20;  // records read but not yet batched, over all segments
 };
 
 struct PipelineStats {
@@ -82,13 +83,17 @@ struct PipelineStats {
   uint64_t parseNs = 0;      // worker time parsing
 };
 
-// Records read by one worker task: payloads back to back in `arena`.
+// Records read by one worker task, without copying them: they lie in the file reader's
+// buffers (sequential reads), which the chunk holds, or in `arena` (random access).
 struct Chunk {
-  std::vector<uint8_t> arena;
-  std::vector<uint64_t> begin, size, offset;
+  Buffer arena;
+  std::vector<std::shared_ptr<const Buffer>> bufs;
+  std::vector<const uint8_t*> data;
+  std::vector<uint64_t> size, offset;
   std::vector<int32_t> file;
+  uint64_t bytes = 0;        // payload bytes
   std::exception_ptr error;  // set: the segment failed after these records
-  size_t rows() const { return begin.size(); }
+  size_t rows() const { return data.size(); }
 };
 
 // A batch of raw records (pointers into chunks it holds, or into copies it owns).
@@ -145,18 +150,27 @@ class Pipeline {
   int fd(int32_t file);
   uint64_t rand();
 
+  template <class T>
+  struct Recycler;
+
   PipelineOptions o_;
+  std::shared_ptr<Recycler<Buffer>> buffers_;  // reader buffers, reused
+  std::shared_ptr<Recycler<Batch>> batches_;   // parsed batches, reused once Python lets go
   std::vector<Segment> segs_;
   std::vector<std::unique_ptr<SegState>> st_;
 
   mutable std::mutex mu_;
   std::condition_variable cvWork_, cvAsm_, cvOut_;
   bool stop_ = false;
+  // Who sleeps on which condition: a notify is sent only when someone waits for it.
+  int idle_ = 0;
+  bool asmWaiting_ = false, outWaiting_ = false;
 
   // Assembler state (slots_ and nextSeg_ are read by workers under mu_).
   std::vector<int> slots_;
   size_t nextSeg_ = 0;
   int wanted_ = -1;
+  uint64_t queued_ = 0;  // bytes in segment queues
   std::vector<std::shared_ptr<const Chunk>> cur_;
   std::vector<size_t> pos_;
   std::vector<Owned> shuffle_;

@@ -39,19 +39,26 @@ inline uint32_t load32(const uint8_t* p) {
 RecordReader::RecordReader(const std::string& path, Compression c, OnError onError, bool verify,
                            size_t bufferBytes)
     : path_(path), src_(openSource(path, c, bufferBytes)), onError_(onError), verify_(verify),
-      buf_(std::max<size_t>(bufferBytes, 64)) {}
+      buf_(std::make_shared<Buffer>(std::max<size_t>(bufferBytes, 64))) {}
 
 size_t RecordReader::fill(size_t n) {
   size_t avail = tail_ - head_;
   if (avail >= n || eof_) return avail;
-  if (buf_.size() - head_ < n) {  // slide what is left to the front, grow for a large record
-    std::memmove(buf_.data(), buf_.data() + head_, avail);
+  if (buf_->size() - head_ < n) {  // slide what is left to the front, grow for a large record
+    if (buf_.use_count() > 1) {  // records in this buffer are in use: continue in a fresh one
+      const size_t want = std::max(n, buf_->size());
+      std::shared_ptr<Buffer> fresh = source_ ? source_(want) : std::make_shared<Buffer>(want);
+      std::memcpy(fresh->data(), buf_->data() + head_, avail);
+      buf_ = std::move(fresh);
+    } else {
+      std::memmove(buf_->data(), buf_->data() + head_, avail);
+      if (buf_->size() < n) buf_->resize(std::max(n, buf_->size() * 2));
+    }
     head_ = 0;
     tail_ = avail;
-    if (buf_.size() < n) buf_.resize(std::max(n, buf_.size() * 2));
   }
   while (tail_ - head_ < n && !eof_) {
-    size_t k = src_->read(buf_.data() + tail_, buf_.size() - tail_);
+    size_t k = src_->read(buf_->data() + tail_, buf_->size() - tail_);
     if (k == 0) eof_ = true;
     tail_ += k;
   }
@@ -81,7 +88,7 @@ bool RecordReader::resync() {
       head_ = tail_;
       return false;
     }
-    const uint8_t* p = buf_.data() + head_;
+    const uint8_t* p = buf_->data() + head_;
     uint64_t len = load64(p);
     if (crc32c(p, 8) != unmaskCrc(load32(p + 8)) || len > kMaxRecord) continue;
     if (size != UINT64_MAX && len + kHeader + kFooter > size - pos_) continue;
@@ -102,7 +109,7 @@ bool RecordReader::next(Record& r) {
       head_ = tail_;
       return false;
     }
-    const uint8_t* p = buf_.data() + head_;
+    const uint8_t* p = buf_->data() + head_;
     const uint64_t len = load64(p);
     if (verify_ && crc32c(p, 8) != unmaskCrc(load32(p + 8))) {
       char hex[32];
@@ -137,7 +144,7 @@ bool RecordReader::next(Record& r) {
       head_ = tail_;
       return false;
     }
-    p = buf_.data() + head_;
+    p = buf_->data() + head_;
     const uint8_t* data = p + kHeader;
     if (verify_ && crc32c(data, len) != unmaskCrc(load32(data + len))) {
       bad(off, "the data CRC does not match (" + std::to_string(len) + " data bytes): the payload is damaged");

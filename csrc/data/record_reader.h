@@ -4,10 +4,12 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "data/buffer.h"
 #include "data/source.h"
 
 namespace dtrain {
@@ -23,7 +25,7 @@ struct ReaderStats {
 };
 
 struct Record {
-  const uint8_t* data = nullptr;  // valid until the next call to next()
+  const uint8_t* data = nullptr;  // valid until the next call to next(), or while buffer() is held
   uint64_t size = 0;
   uint64_t offset = 0;  // of the record's header in the (uncompressed) stream
 };
@@ -41,6 +43,12 @@ class RecordReader {
 
   const ReaderStats& stats() const { return stats_; }
   const std::string& path() const { return path_; }
+  // The buffer the last record lies in. While a caller holds it, the reader leaves it
+  // alone and continues in a fresh one, so records can be used without a copy.
+  const std::shared_ptr<Buffer>& buffer() const { return buf_; }
+  // Where fresh buffers come from (a pool, so memory is reused rather than faulted in anew).
+  using BufferSource = std::function<std::shared_ptr<Buffer>(size_t minBytes)>;
+  void setBufferSource(BufferSource source) { source_ = std::move(source); }
   // Messages of the records skipped so far (at most 100 kept).
   const std::vector<std::string>& problems() const { return problems_; }
 
@@ -56,7 +64,8 @@ class RecordReader {
   std::unique_ptr<Source> src_;
   OnError onError_;
   bool verify_;
-  std::vector<uint8_t> buf_;
+  std::shared_ptr<Buffer> buf_;
+  BufferSource source_;
   size_t head_ = 0, tail_ = 0;  // unread bytes are buf_[head_, tail_)
   uint64_t pos_ = 0;            // stream offset of buf_[head_]
   bool eof_ = false;

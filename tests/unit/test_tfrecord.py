@@ -44,11 +44,13 @@ def test_crc32c_known_values(hw):
 
 
 def test_crc32c_hardware_equals_table_at_every_length_and_alignment():
-    blob = os.urandom(4096)
+    blob = os.urandom(16 << 10)
     got = {}
+    # lengths around the three-stream blocks (3 x 128 and 3 x 1024 bytes) and several of them
+    lengths = (0, 1, 7, 8, 9, 63, 383, 384, 385, 1000, 3071, 3072, 3079, 4000, 9216, 16000)
     for hw in (True, False):
         _C.data.set_crc32c_hardware(hw)
-        got[hw] = [_C.data.crc32c(blob[a:a + n]) for a in range(9) for n in (0, 1, 7, 8, 9, 63, 1000, 4000)]
+        got[hw] = [_C.data.crc32c(blob[a:a + n]) for a in range(9) for n in lengths]
     _C.data.set_crc32c_hardware(True)
     assert got[True] == got[False]
     # continuing a CRC equals the CRC of the concatenation
