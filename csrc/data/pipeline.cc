@@ -200,7 +200,7 @@ int Pipeline::pickSegment() {
   };
   if (wanted_ >= 0 && readable(wanted_)) return wanted_;
   for (int s : slots_)
-    if (readable(s)) return s;
+    if (s >= 0 && readable(s)) return s;
   for (size_t s = nextSeg_; s < segs_.size() && s < nextSeg_ + o_.workers; ++s)
     if (readable(static_cast<int>(s))) return static_cast<int>(s);
   return -1;
@@ -521,7 +521,15 @@ void Pipeline::deliver(const uint8_t* data, uint64_t size, uint64_t offset, int3
 }
 
 void Pipeline::assemble() {
-  size_t rr = 0, turn = 0;
+  // tf.data's interleave order: `cycle` slots take turns, `block` records a turn. A slot
+  // found empty on its turn opens the next segment and serves the turn from it; a
+  // segment found exhausted on its turn leaves its slot empty and the turn passes on.
+  const size_t cycle = slots_.size();
+  size_t rr = 0, turn = 0, open = cycle;
+  auto advance = [&] {
+    turn = 0;
+    rr = (rr + 1) % cycle;
+  };
   auto full = [&] { return open_ && open_->rows() >= o_.batchSize; };
   auto emit = [&](Owned&& r) {
     const uint8_t* p = r.data.get();
@@ -529,8 +537,17 @@ void Pipeline::assemble() {
   };
   for (;;) {
     if (full() && !submit()) return;
-    if (slots_.empty()) break;
-    if (rr >= slots_.size()) rr = 0;
+    if (open == 0 && nextSeg_ >= segs_.size()) break;
+    if (slots_[rr] < 0) {
+      if (nextSeg_ >= segs_.size()) {
+        advance();
+        continue;
+      }
+      std::lock_guard<std::mutex> lk(mu_);
+      slots_[rr] = static_cast<int>(nextSeg_++);
+      ++open;
+      if (idle_) cvWork_.notify_all();
+    }
     const uint8_t* data;
     uint64_t size, offset;
     int32_t file;
@@ -545,25 +562,17 @@ void Pipeline::assemble() {
       totalSeq_ = nextSeq_ + 1;
       return;
     }
-    if (got == Pull::kEnd) {  // the next segment takes this slot, as tf.data's interleave does
+    if (got == Pull::kEnd) {
       std::lock_guard<std::mutex> lk(mu_);
+      slots_[rr] = -1;
+      --open;
       cur_[rr].reset();
       pos_[rr] = 0;
-      if (nextSeg_ < segs_.size()) {
-        slots_[rr] = static_cast<int>(nextSeg_++);
-      } else {
-        slots_.erase(slots_.begin() + rr);
-        cur_.erase(cur_.begin() + rr);
-        pos_.erase(pos_.begin() + rr);
-      }
-      turn = 0;
       if (idle_) cvWork_.notify_all();
+      advance();
       continue;
     }
-    if (++turn >= o_.block) {
-      turn = 0;
-      ++rr;
-    }
+    if (++turn >= o_.block) advance();
     if (o_.shuffleBuffer == 0) {
       deliver(data, size, offset, file, chunk, nullptr);
       continue;

@@ -35,6 +35,7 @@ from dtrain.data.tfrecord import _compression, _skip
 from dtrain.errors import ConfigError, DataError
 
 _UNBATCHED_CHUNK = 256  # records parsed per C++ batch when yielding single records
+_EPOCH_END = object()  # marks an epoch's end in the item stream
 _STATE_VERSION = 1
 
 
@@ -113,6 +114,7 @@ class TFRecordDataset(torch.utils.data.IterableDataset):
         self._stats: Dict[str, float] = {}
         self._problems: List[str] = []
         self._infos: Optional[List[_plan.FileInfo]] = None
+        self._live = None  # the running epoch's C++ pipeline
 
     def _check_files(self) -> None:
         for f in self.files:
@@ -126,7 +128,7 @@ class TFRecordDataset(torch.utils.data.IterableDataset):
     def _derive(self) -> "TFRecordDataset":
         new = copy.copy(self)
         new._maps = list(self._maps)
-        new._stats, new._problems = {}, []
+        new._stats, new._problems, new._live = {}, [], None
         return new
 
     def shard(self, rank: Optional[int] = None, world_size: Optional[int] = None,
@@ -286,18 +288,22 @@ class TFRecordDataset(torch.utils.data.IterableDataset):
                               "DataLoader worker; iterate it directly, or use DataLoader(ds, batch_size=None, "
                               "num_workers=0)")
         self._stats, self._problems = {}, []
-        items = self._epochs()
+        items = self._epochs(self._epoch, self._position)
         if self._prefetch and (self._maps or self._pin_memory or self._device is not None):
             items = _background(items, self._prefetch, self._transfer)
         for item, n in items:
+            if item is _EPOCH_END:  # the position moves on only as the loop gets there
+                self._epoch, self._position = n, 0
+                continue
             self._position += n
             yield item
 
-    def _epochs(self) -> Iterator[Tuple[Any, int]]:
+    def _epochs(self, epoch: int, position: int) -> Iterator[Tuple[Any, int]]:
         done = 0
         while self._repeat is None or done < self._repeat:
-            yield from self._one_epoch(self._epoch, self._position)
-            self._epoch, self._position = self._epoch + 1, 0
+            yield from self._one_epoch(epoch, position)
+            epoch, position = epoch + 1, 0
+            yield _EPOCH_END, epoch
             done += 1
 
     def _one_epoch(self, epoch: int, skip_records: int) -> Iterator[Tuple[Any, int]]:
@@ -314,6 +320,7 @@ class TFRecordDataset(torch.utils.data.IterableDataset):
             buffer_bytes=self.buffer_bytes, cycle=self._cycle, block=self._block,
             shuffle_buffer=self._shuffle_buffer, seed=_plan.seed_for(self._seed, epoch, 1),
             workers=self.workers, prefetch=self._prefetch, skip_records=skip_records)
+        self._live = pipe
         try:
             while True:
                 b = pipe.next()
@@ -340,6 +347,7 @@ class TFRecordDataset(torch.utils.data.IterableDataset):
                     batch = fn(batch)
                 yield batch, rows
         finally:
+            self._live = None
             st = pipe.stats()
             self._problems += list(pipe.problems())
             pipe.close()
@@ -359,7 +367,12 @@ class TFRecordDataset(torch.utils.data.IterableDataset):
         """Counters of the last (or current) iteration: records, bytes, bad_records (framing),
         bad_examples (parsing), batches, resumed (records passed over to resume), dropped
         (remainder), and seconds: wait_s (the loop waited for data), read_s, parse_s (thread time)."""
-        return dict(self._stats)
+        out = dict(self._stats)
+        live = self._live
+        if live is not None:
+            for k, v in live.stats().items():
+                out[k] = out.get(k, 0) + v
+        return out
 
     def problems(self) -> List[str]:
         """Messages of the records skipped in the last iteration (first 100 per epoch)."""
@@ -464,7 +477,9 @@ def _background(items: Iterator[Tuple[Any, int]], depth: int, transfer: Callable
     def run():
         try:
             for item, n in items:
-                if side is not None:
+                if item is _EPOCH_END:
+                    event = None
+                elif side is not None:
                     with torch.cuda.stream(side):
                         item = transfer(item)
                         event = torch.cuda.Event()

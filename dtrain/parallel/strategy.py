@@ -19,6 +19,7 @@ import torch
 import dtrain
 from dtrain.parallel import checkpoint
 from dtrain.parallel.sharding import shard_loader
+from dtrain.errors import ConfigError
 
 
 class Strategy:
@@ -58,14 +59,23 @@ class Strategy:
 
     def distribute(self, data, batch_size: Optional[int] = None, shuffle: Optional[bool] = None,
                    seed: int = 0, drop_last: bool = False, **loader_kwargs):
-        """This rank's share of `data`: a torch Dataset (give batch_size) or a DataLoader
-        (rebuilt with a sharding sampler); every rank gets the same number of batches.
+        """This rank's share of `data`: a torch Dataset (give batch_size), a DataLoader
+        (rebuilt with a sharding sampler) or a dtrain.data.TFRecordDataset (sharded by
+        record or by file); every rank gets the same number of batches.
 
         shuffle defaults to True for a Dataset and to the DataLoader's own choice;
         the permutation changes every epoch and is the same on every rank.
         """
+        from dtrain.data.dataset import TFRecordDataset
+        if isinstance(data, TFRecordDataset):  # shards itself: by record with index files, by file without
+            if data._shard is not None:
+                if data._shard[:2] != (self.rank, self.world_size):
+                    raise ConfigError(f"the dataset is sharded for rank {data._shard[0]} of {data._shard[1]}, but this "
+                                      f"strategy runs rank {self.rank} of {self.world_size}; leave shard() to distribute()")
+                return data
+            return data.shard(self.rank, self.world_size, drop_last=drop_last)
         if hasattr(data, "shard") and callable(data.shard) and not isinstance(data, torch.utils.data.Dataset):
-            return data.shard(self.rank, self.world_size)  # dtrain.data datasets shard themselves
+            return data.shard(self.rank, self.world_size)
         return shard_loader(data, self.rank, self.world_size, batch_size, shuffle, seed, drop_last,
                             **loader_kwargs)
 
