@@ -512,3 +512,47 @@ def test_distribute_shards_a_tfrecord_dataset(files):
     assert ids(ds) == ALL and ds._shard == (0, 1, False)
     with pytest.raises(ConfigError, match="sharded for rank 1 of 2"):
         s.distribute(data.TFRecordDataset(files, SPEC).shard(1, 2))
+
+
+# ------------------------------------------------------------------ dtrain-data
+def cli(*args, cwd=None):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    return subprocess.run([sys.executable, "-m", "dtrain.data.cli", *args], capture_output=True, text=True,
+                          timeout=120, env=env, cwd=cwd)
+
+
+def test_cli_index_writes_what_build_index_reads(plain, tmp_path):
+    p = cli("index", str(tmp_path / "*.tfrecord"))
+    assert p.returncode == 0, p.stderr
+    for f, n in zip(plain, COUNTS):
+        assert len(data.read_index(f + ".idx")) == n
+        assert f"{n}" in p.stdout
+    assert ids(data.TFRecordDataset(plain, SPEC).shard(0, 2, drop_last=True)) == ALL[:15]  # by record now
+
+
+def test_cli_check_lists_every_bad_record_and_fails(plain):
+    idx = [o for o, _ in data.build_index(plain[2])]
+    os.remove(plain[2] + ".idx")
+    damage(plain[2], idx[2] + 14)
+    damage(plain[2], idx[7] + 14)
+    p = cli("check", *plain)
+    assert p.returncode == 1
+    assert f"byte offset {idx[2]}:" in p.stdout and f"byte offset {idx[7]}:" in p.stdout
+    assert "2 bad record(s)" in p.stdout
+    assert cli("check", plain[0]).returncode == 0
+
+
+def test_cli_stats_suggests_a_spec_that_reads_the_files(plain):
+    p = cli("stats", *plain)
+    assert p.returncode == 0, p.stderr
+    assert f"{len(ALL)} records" in p.stdout
+    spec_src = p.stdout.split("A spec that reads them:\n", 1)[1]
+    scope = {"FixedLen": data.FixedLen, "VarLen": data.VarLen}
+    exec(spec_src, scope)
+    assert scope["spec"] == {"id": data.FixedLen((), "int64"), "vec": data.VarLen("float32")}
+    assert ids(data.TFRecordDataset(plain, scope["spec"])) == ALL
+
+
+def test_cli_names_a_missing_file():
+    p = cli("check", "/nonexistent/x.tfrecord")
+    assert p.returncode == 2 and "does not exist" in p.stderr
