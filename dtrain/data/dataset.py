@@ -18,6 +18,7 @@ dataset; iterating one runs an epoch, and the next iteration runs the next epoch
 
 from __future__ import annotations
 
+import collections
 import copy
 import glob
 import os
@@ -289,14 +290,25 @@ class TFRecordDataset(torch.utils.data.IterableDataset):
                               "num_workers=0)")
         self._stats, self._problems = {}, []
         items = self._epochs(self._epoch, self._position)
+        pools: List[ThreadPoolExecutor] = []
+        for fn, workers, on_batch in self._maps:
+            if on_batch:  # batches map on their own threads, `workers` in flight, order kept
+                pool = ThreadPoolExecutor(workers, thread_name_prefix="dtrain-map") if workers > 1 else None
+                pools += [pool] if pool else []
+                items = _map_batches(items, fn, pool, workers)
         if self._prefetch and (self._maps or self._pin_memory or self._device is not None):
             items = _background(items, self._prefetch, self._transfer)
-        for item, n in items:
-            if item is _EPOCH_END:  # the position moves on only as the loop gets there
-                self._epoch, self._position = n, 0
-                continue
-            self._position += n
-            yield item
+        try:
+            for item, n in items:
+                if item is _EPOCH_END:  # the position moves on only as the loop gets there
+                    self._epoch, self._position = n, 0
+                    continue
+                self._position += n
+                yield item
+        finally:
+            items.close()
+            for pool in pools:
+                pool.shutdown(wait=False, cancel_futures=True)
 
     def _epochs(self, epoch: int, position: int) -> Iterator[Tuple[Any, int]]:
         done = 0
@@ -310,9 +322,8 @@ class TFRecordDataset(torch.utils.data.IterableDataset):
         from dtrain import _C
         p = self._make_plan(epoch)
         batched = self._batch_size is not None
-        pools = [ThreadPoolExecutor(w, thread_name_prefix="dtrain-map") if w > 1 else None for _, w, _ in self._maps]
-        per_record = [(fn, pool) for (fn, _, on_batch), pool in zip(self._maps, pools) if not on_batch]
-        per_batch = [(fn, pool) for (fn, _, on_batch), pool in zip(self._maps, pools) if on_batch]
+        per_record = [(fn, ThreadPoolExecutor(w, thread_name_prefix="dtrain-map") if w > 1 else None)
+                      for fn, w, on_batch in self._maps if not on_batch]
         pipe = _C.data.Pipeline(
             self.files, self.compression, self._schema, p.ranges, p.refs,
             batch_size=self._batch_size if batched else _UNBATCHED_CHUNK,
@@ -343,15 +354,13 @@ class TFRecordDataset(torch.utils.data.IterableDataset):
                             yield rec, 1
                         continue
                     batch = collate(records)
-                for fn, pool in per_batch:
-                    batch = fn(batch)
                 yield batch, rows
         finally:
             self._live = None
             st = pipe.stats()
             self._problems += list(pipe.problems())
             pipe.close()
-            for pool in pools:
+            for _, pool in per_record:
                 if pool is not None:
                     pool.shutdown(wait=False, cancel_futures=True)
             for k, v in st.items():
@@ -383,6 +392,29 @@ def _positive(name: str, v: Any) -> int:
     if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
         raise ConfigError(f"{name} must be a positive int, got {v!r}")
     return v
+
+
+def _map_batches(items: Iterator[Tuple[Any, int]], fn: Callable, pool: Optional[ThreadPoolExecutor],
+                 depth: int) -> Iterator[Tuple[Any, int]]:
+    """fn over the batches of `items`, up to `depth` at once on `pool`, in order."""
+    pending: "collections.deque" = collections.deque()
+    try:
+        for item, n in items:
+            if item is _EPOCH_END or pool is None:
+                while pending:
+                    f, k = pending.popleft()
+                    yield f.result(), k
+                yield (item if item is _EPOCH_END else fn(item)), n
+                continue
+            pending.append((pool.submit(fn, item), n))
+            if len(pending) >= depth:
+                f, k = pending.popleft()
+                yield f.result(), k
+        while pending:
+            f, k = pending.popleft()
+            yield f.result(), k
+    finally:
+        items.close()
 
 
 def _map_list(fn: Callable, items: List[Any], pool: Optional[ThreadPoolExecutor]) -> List[Any]:

@@ -556,3 +556,17 @@ def test_cli_stats_suggests_a_spec_that_reads_the_files(plain):
 def test_cli_names_a_missing_file():
     p = cli("check", "/nonexistent/x.tfrecord")
     assert p.returncode == 2 and "does not exist" in p.stderr
+
+
+def test_batch_maps_run_on_threads_in_order(files):
+    import threading
+    import time
+    names = set()
+
+    def slow(b):
+        names.add(threading.current_thread().name)
+        time.sleep(0.01 * (int(b["id"][0]) % 3))  # later batches may finish first
+        return b["id"].tolist()
+    ds = data.TFRecordDataset(files, SPEC).batch(3).map(slow, workers=3)
+    assert sum(list(ds), []) == ALL
+    assert len(names) > 1 and all(n.startswith("dtrain-map") for n in names)
