@@ -77,7 +77,8 @@ def _check_zlib():
 _check_zlib()
 debug = _flag("DTRAIN_DEBUG")
 compile_args = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
-compile_args += ["-fvisibility=hidden", "-Wall", "-Wno-unused-function"]
+# -fno-math-errno: sqrt must not set errno, or no loop calling it vectorises (nothing reads errno).
+compile_args += ["-fvisibility=hidden", "-Wall", "-Wno-unused-function", "-fno-math-errno"]
 link_args = ["-pthread"]
 if _flag("DTRAIN_SANITIZE"):
     compile_args += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]

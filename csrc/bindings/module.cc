@@ -23,6 +23,7 @@ namespace py = pybind11;
 using namespace dtrain;
 
 void bindData(py::module_& m);  // bindings/data.cc
+void bindKernels(py::module_& m);  // bindings/kernels.cc
 
 namespace {
 
@@ -257,4 +258,6 @@ PYBIND11_MODULE(_C, m) {
 
   auto data = m.def_submodule("data", "TFRecord input: framing, CRC-32C, zlib/gzip, Example parsing");
   bindData(data);
+  auto kernels = m.def_submodule("kernels", "Fused multi-tensor kernels (optimizers) on the CPU");
+  bindKernels(kernels);
 }

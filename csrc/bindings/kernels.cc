@@ -1,0 +1,69 @@
+// dtrain._C.kernels: the fused CPU kernels. Tensors arrive as data pointers and
+// sizes (the extension does not link libtorch); dtrain/optim checks devices, dtypes
+// and contiguity before calling, and every call releases the GIL.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "common/error.h"
+#include "kernels/cpu/optim.h"
+
+namespace py = pybind11;
+using namespace dtrain;
+using namespace dtrain::kernels;
+
+namespace {
+
+// slots[s][i]: tensor i's pointer in slot s (slot-major, as Python builds them).
+TensorLists lists(const std::vector<std::vector<uintptr_t>>& slots, const std::vector<int64_t>& numel, DType dt) {
+  DTRAIN_CHECK(slots.size() <= size_t(kSlots), kConfig, "at most ", kSlots, " tensor slots, got ", slots.size());
+  TensorLists t;
+  t.dtype = dt;
+  t.numel = numel;
+  t.ptr.assign(numel.size(), {});
+  for (size_t s = 0; s < slots.size(); ++s) {
+    DTRAIN_CHECK(slots[s].size() == numel.size(), kConfig, "slot ", s, " lists ", slots[s].size(),
+                 " tensors, the sizes ", numel.size());
+    for (size_t i = 0; i < numel.size(); ++i) t.ptr[i][s] = reinterpret_cast<void*>(slots[s][i]);
+  }
+  return t;
+}
+
+}  // namespace
+
+void bindKernels(py::module_& m) {
+  py::enum_<Decay>(m, "Decay", "How Adam applies weight decay")
+      .value("none", Decay::kNone).value("l2", Decay::kL2).value("decoupled", Decay::kDecoupled);
+  py::enum_<Momentum>(m, "Momentum", "SGD's momentum buffer: none, created from this grad, or updated")
+      .value("none", Momentum::kNone).value("first", Momentum::kFirst).value("later", Momentum::kLater);
+
+  m.def("adam_step",
+        [](const std::vector<std::vector<uintptr_t>>& slots, const std::vector<int64_t>& numel, DType dt, Decay decay,
+           bool amsgrad, float gradScale, float beta1Comp, float beta2, float beta2Comp, float eps, float weightDecay,
+           float decayFactor, float negStepSize, float bc2Sqrt, bool checkFinite, int threads) {
+          TensorLists t = lists(slots, numel, dt);
+          AdamArgs a{gradScale, beta1Comp, beta2, beta2Comp, eps, weightDecay, decayFactor, negStepSize, bc2Sqrt};
+          py::gil_scoped_release nogil;
+          return adamStep(t, decay, amsgrad, a, checkFinite, threads);
+        },
+        py::arg("slots"), py::arg("numel"), py::arg("dtype"), py::arg("decay"), py::arg("amsgrad"),
+        py::arg("grad_scale"), py::arg("beta1_comp"), py::arg("beta2"), py::arg("beta2_comp"), py::arg("eps"),
+        py::arg("weight_decay"), py::arg("decay_factor"), py::arg("neg_step_size"), py::arg("bc2_sqrt"),
+        py::arg("check_finite"), py::arg("threads"),
+        "One Adam/AdamW step over every tensor (slots: params, grads, exp_avg, exp_avg_sq[, max_exp_avg_sq]). "
+        "Returns True, updating nothing, when check_finite and a grad holds inf/NaN.");
+  m.def("sgd_step",
+        [](const std::vector<std::vector<uintptr_t>>& slots, const std::vector<int64_t>& numel, DType dt, bool l2,
+           Momentum momentum, bool nesterov, float gradScale, float weightDecay, float mom, float dampComp,
+           float negLr, bool checkFinite, int threads) {
+          TensorLists t = lists(slots, numel, dt);
+          SgdArgs a{gradScale, weightDecay, mom, dampComp, negLr};
+          py::gil_scoped_release nogil;
+          return sgdStep(t, l2, momentum, nesterov, a, checkFinite, threads);
+        },
+        py::arg("slots"), py::arg("numel"), py::arg("dtype"), py::arg("l2"), py::arg("momentum"),
+        py::arg("nesterov"), py::arg("grad_scale"), py::arg("weight_decay"), py::arg("momentum_factor"),
+        py::arg("damp_comp"), py::arg("neg_lr"), py::arg("check_finite"), py::arg("threads"),
+        "One SGD step over every tensor (slots: params, grads[, momentum_buffer]). Returns True, updating "
+        "nothing, when check_finite and a grad holds inf/NaN.");
+  m.def("isa", &optimIsa, "The instruction set the CPU kernels run: avx512, avx2 or generic.");
+}

@@ -1,0 +1,126 @@
+#include "kernels/cpu/optim.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+
+#include "common/error.h"
+
+namespace dtrain {
+namespace kernels {
+
+OptimTable optimTable_generic();
+OptimTable optimTable_avx2();
+OptimTable optimTable_avx512();
+
+namespace {
+
+// Elements per chunk: large enough to amortise a thread's start, a multiple of 64 so
+// every chunk but a tensor's last starts on a vector boundary.
+constexpr int64_t kChunk = int64_t(1) << 16;
+
+const OptimTable& table() {
+  static const OptimTable t = [] {
+    const char* want = std::getenv("DTRAIN_ISA");  // generic|avx2|avx512 pins one (tests, benchmarks)
+    auto has512 = [] {
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    };
+    auto has2 = [] { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
+                            __builtin_cpu_supports("fma"); };
+    if (want && !std::strcmp(want, "generic")) return optimTable_generic();
+    if (want && !std::strcmp(want, "avx2") && has2()) return optimTable_avx2();
+    if (has512() && !(want && !std::strcmp(want, "avx2"))) return optimTable_avx512();
+    if (has2()) return optimTable_avx2();
+    return optimTable_generic();
+  }();
+  return t;
+}
+
+struct Piece {
+  int32_t tensor;
+  int64_t begin, end;
+};
+
+std::vector<Piece> pieces(const TensorLists& t) {
+  std::vector<Piece> out;
+  for (size_t i = 0; i < t.numel.size(); ++i)
+    for (int64_t b = 0; b < t.numel[i]; b += kChunk)
+      out.push_back(Piece{static_cast<int32_t>(i), b, std::min(t.numel[i], b + kChunk)});
+  return out;
+}
+
+// f(piece) over all pieces on up to `threads` threads (this one included). Returns
+// false as soon as some f returned false (the others stop taking pieces).
+template <class F>
+bool parallel(const std::vector<Piece>& ps, int threads, F f) {
+  const int n = static_cast<int>(std::min<size_t>(std::max(threads, 1), ps.size()));
+  if (n <= 1) {
+    for (const Piece& p : ps)
+      if (!f(p)) return false;
+    return true;
+  }
+  std::atomic<size_t> next{0};
+  std::atomic<bool> ok{true};
+  auto run = [&] {
+    for (size_t i; ok.load(std::memory_order_relaxed) && (i = next.fetch_add(1)) < ps.size();)
+      if (!f(ps[i])) ok = false;
+  };
+  std::vector<std::thread> pool;
+  pool.reserve(n - 1);
+  for (int k = 1; k < n; ++k) pool.emplace_back(run);
+  run();
+  for (auto& th : pool) th.join();
+  return ok;
+}
+
+void check(const TensorLists& t, int slots) {
+  DTRAIN_CHECK(t.ptr.size() == t.numel.size(), kConfig, "got ", t.ptr.size(), " tensors' pointers for ",
+               t.numel.size(), " sizes");
+  DTRAIN_CHECK(t.dtype == DType::kFloat32 || t.dtype == DType::kFloat16 || t.dtype == DType::kBFloat16, kConfig,
+               "fused optimizers take float32, float16 or bfloat16 tensors, not ", dtypeName(t.dtype));
+  for (size_t i = 0; i < t.ptr.size(); ++i) {
+    DTRAIN_CHECK(t.numel[i] >= 0, kConfig, "tensor ", i, " has a negative size ", t.numel[i]);
+    for (int s = 0; s < slots; ++s)
+      DTRAIN_CHECK(t.numel[i] == 0 || t.ptr[i][s] != nullptr, kConfig, "tensor ", i, " has no memory in slot ", s);
+  }
+}
+
+bool allFinite(const TensorLists& t, const std::vector<Piece>& ps, int threads) {
+  const OptimTable& k = table();
+  return parallel(ps, threads, [&](const Piece& p) { return k.finite(t.dtype, t.ptr[p.tensor][kGrad], p.begin, p.end); });
+}
+
+}  // namespace
+
+const char* optimIsa() { return table().name; }
+
+bool adamStep(const TensorLists& t, Decay decay, bool amsgrad, const AdamArgs& a, bool checkFinite, int threads) {
+  check(t, amsgrad ? 5 : 4);
+  const std::vector<Piece> ps = pieces(t);
+  if (checkFinite && !allFinite(t, ps, threads)) return true;
+  const OptimTable& k = table();
+  parallel(ps, threads, [&](const Piece& p) {
+    k.adam(t.dtype, decay, amsgrad, t.ptr[p.tensor].data(), p.begin, p.end, a);
+    return true;
+  });
+  return false;
+}
+
+bool sgdStep(const TensorLists& t, bool l2, Momentum momentum, bool nesterov, const SgdArgs& a, bool checkFinite,
+             int threads) {
+  check(t, momentum == Momentum::kNone ? 2 : 3);
+  const std::vector<Piece> ps = pieces(t);
+  if (checkFinite && !allFinite(t, ps, threads)) return true;
+  const OptimTable& k = table();
+  parallel(ps, threads, [&](const Piece& p) {
+    k.sgd(t.dtype, l2, momentum, nesterov, t.ptr[p.tensor].data(), p.begin, p.end, a);
+    return true;
+  });
+  return false;
+}
+
+}  // namespace kernels
+}  // namespace dtrain

@@ -1,0 +1,293 @@
+"""Drop-in torch.optim optimizers whose step is one multi-tensor C++ call.
+
+    opt = dtrain.optim.FusedAdam(model.parameters(), lr=1e-3)   # as torch.optim.Adam
+    loss.backward(); opt.step(); opt.zero_grad()
+
+Same hyper-parameters, defaults, param groups and state_dict layout as torch's
+Adam, AdamW and SGD: a state_dict saved by one loads into the other. The update is
+computed in float32 for float32, float16 and bfloat16 parameters (state stays in the
+parameter's dtype, as torch keeps it), vectorised and split over threads.
+
+Mixed precision: torch.amp.GradScaler drives these optimizers directly (they unscale
+inside the kernel and skip a step whose grads overflowed), and `check_finite=True`
+makes every step check its grads for inf/NaN first and skip (counted in
+`skipped_steps`) rather than spoil the parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+import torch
+
+from dtrain.errors import ConfigError
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _kernels():
+    from dtrain import _C
+    return _C.kernels
+
+
+def _dtype(t: torch.Tensor):
+    from dtrain import _C
+    return {torch.float32: _C.DType.float32, torch.float16: _C.DType.float16,
+            torch.bfloat16: _C.DType.bfloat16}[t.dtype]
+
+
+class _FusedOptimizer(torch.optim.Optimizer):
+    """Grouping, checks, AMP and step counting shared by the fused optimizers."""
+
+    _step_supports_amp_scaling = True  # GradScaler sets grad_scale/found_inf instead of unscaling
+    _state_slots: Tuple[str, ...] = ()
+
+    def __init__(self, params, defaults: Dict[str, Any], check_finite: bool, threads: Optional[int]):
+        if threads is not None and not (isinstance(threads, int) and threads >= 1):
+            raise ConfigError(f"threads must be a positive int or None (torch's intra-op threads), got {threads!r}")
+        super().__init__(params, defaults)
+        self.check_finite = bool(check_finite)
+        self.threads = threads
+        self.skipped_steps = 0
+        self._steps: Dict[int, tuple] = {}  # id(param) -> (step tensor, its _version, value)
+
+    def _check_param(self, p: torch.Tensor, group_index: int) -> None:
+        if p.dtype not in _DTYPES:
+            raise ConfigError(f"{type(self).__name__} updates float32, float16 and bfloat16 parameters; param group "
+                              f"{group_index} holds a {p.dtype} parameter of shape {tuple(p.shape)}. Use torch.optim "
+                              f"for it (a separate optimizer), or convert the model")
+        if p.device.type != "cpu":
+            raise ConfigError(f"{type(self).__name__} runs its CPU kernel here; a parameter is on {p.device}, and this "
+                              "build has no CUDA kernels. Use torch.optim.Adam(fused=True) on the GPU")
+        if not p.is_contiguous():
+            raise ConfigError(f"{type(self).__name__} needs contiguous parameters; one of shape {tuple(p.shape)} "
+                              f"(strides {p.stride()}) is not. Make it contiguous before building the optimizer")
+        if p.grad.is_sparse:
+            raise ConfigError(f"{type(self).__name__} does not take sparse gradients (shape {tuple(p.shape)}); "
+                              "use torch.optim.SparseAdam")
+
+    def _amp(self) -> Tuple[float, bool]:
+        """(factor grads are multiplied by, whether GradScaler found inf/NaN this step)."""
+        scale = getattr(self, "grad_scale", None)
+        found = getattr(self, "found_inf", None)
+        skip = found is not None and float(found) > 0
+        return (1.0 if scale is None else 1.0 / float(scale)), skip
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        """One update of every parameter that has a grad. Returns the closure's loss, if given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        inv_scale, skip = self._amp()
+        if skip:
+            self.skipped_steps += 1
+            return loss
+        threads = self.threads or torch.get_num_threads()
+        # Every group's tensors are checked for inf/NaN before any is updated, so a skipped
+        # step leaves all of them alone.
+        plans = []
+        for gi, group in enumerate(self.param_groups):
+            batches: Dict[tuple, List[torch.Tensor]] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                self._check_param(p, gi)
+                st = self.state[p]
+                if not st:
+                    self._init_state(p, st, group)
+                batches.setdefault(self._key(p, st), []).append(p)
+            plans.append((group, batches))
+        calls = [(group, key, params) for group, batches in plans for key, params in batches.items()]
+        # One kernel call checks its grads itself before updating; with several, all are
+        # checked first so that a skipped step leaves every parameter alone.
+        if self.check_finite and len(calls) > 1:
+            if any(not torch.isfinite(p.grad).all() for _, _, params in calls for p in params):
+                self.skipped_steps += 1
+                return loss
+        for group, key, params in calls:
+            if self._update(group, key, params, inv_scale, threads, self.check_finite and len(calls) == 1):
+                self.skipped_steps += 1
+        return loss
+
+    # subclasses: _init_state(p, state, group); _key(p, state) -> tuple, equal for params one kernel
+    # call updates; _update(group, key, params, inv_scale, threads, check) -> True if it skipped
+
+    def _step_of(self, p: torch.Tensor, step: torch.Tensor) -> int:
+        """The step count of a parameter's state, read from the tensor only when it changed
+        (an .item() per parameter per step would cost more than the update of a small one)."""
+        cached = self._steps.get(id(p))
+        if cached is not None and cached[0] is step and cached[1] == step._version:
+            return cached[2]
+        value = int(step.item())
+        self._steps[id(p)] = (step, step._version, value)
+        return value
+
+    def _count_step(self, params: List[torch.Tensor]) -> None:
+        steps = [self.state[p]["step"] for p in params]
+        values = [self._step_of(p, s) for p, s in zip(params, steps)]
+        torch._foreach_add_(steps, 1.0)
+        for p, s, v in zip(params, steps, values):
+            self._steps[id(p)] = (s, s._version, v + 1)
+
+    def _slots(self, params: List[torch.Tensor], names: Iterable[str]) -> List[List[int]]:
+        cols = [[p.data_ptr() for p in params], [self._grad(p).data_ptr() for p in params]]
+        for n in names:
+            cols.append([self.state[p][n].data_ptr() for p in params])
+        return cols
+
+    def _grad(self, p: torch.Tensor) -> torch.Tensor:
+        g = p.grad
+        if g.dtype != p.dtype or not g.is_contiguous():  # rare: keep a fixed copy for the kernel
+            g = p.grad = g.to(p.dtype).contiguous()
+        return g
+
+
+class FusedAdam(_FusedOptimizer):
+    """torch.optim.Adam's update (lr, betas, eps, weight_decay as L2, amsgrad, maximize)
+    in one multi-tensor CPU kernel call per parameter group.
+
+    Args:
+        params, lr, betas, eps, weight_decay, amsgrad, maximize: as torch.optim.Adam.
+        check_finite: skip (and count in skipped_steps) a step whose grads hold inf/NaN.
+        threads: threads for the kernel (default torch.get_num_threads()).
+
+    Example::
+
+        opt = FusedAdam(model.parameters(), lr=1e-3, weight_decay=1e-2)
+        for x, y in loader:
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+    """
+
+    _decoupled = False
+
+    def __init__(self, params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, amsgrad: bool = False, *, maximize: bool = False,
+                 check_finite: bool = False, threads: Optional[int] = None):
+        _check_hyper(lr=lr, eps=eps, weight_decay=weight_decay)
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
+            raise ConfigError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, foreach=None, capturable=False, differentiable=False, fused=None)
+        if self._decoupled:
+            defaults["decoupled_weight_decay"] = True
+        super().__init__(params, defaults, check_finite, threads)
+
+    def _init_state(self, p, st, group):
+        st["step"] = torch.tensor(0.0, dtype=torch.float32)
+        st["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        if group["amsgrad"]:
+            st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+
+    def _key(self, p, st):
+        return (p.dtype, self._step_of(p, st["step"]))
+
+    def _update(self, group, key, params, inv_scale, threads, check):
+        k = _kernels()
+        dtype, step = key
+        step += 1
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        decoupled = self._decoupled or group.get("decoupled_weight_decay", False)
+        names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
+        for p in params:
+            st = self.state[p]
+            if group["amsgrad"] and "max_exp_avg_sq" not in st:  # amsgrad switched on later
+                st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            for n in names:
+                _check_state(st[n], p, n)
+        if wd == 0:
+            decay = k.Decay.none
+        else:
+            decay = k.Decay.decoupled if decoupled else k.Decay.l2
+        # The scalars as torch computes them (Python floats, double precision).
+        bias1 = 1 - beta1 ** step
+        bias2 = 1 - beta2 ** step
+        found = k.adam_step(self._slots(params, names), [p.numel() for p in params], _dtype(params[0]), decay,
+                            bool(group["amsgrad"]), -inv_scale if group["maximize"] else inv_scale, 1 - beta1,
+                            beta2, 1 - beta2, eps, wd, 1 - lr * wd, -(lr / bias1), math.sqrt(bias2), check, threads)
+        if not found:
+            self._count_step(params)
+        return found
+
+
+class FusedAdamW(FusedAdam):
+    """torch.optim.AdamW's update (decoupled weight decay, default 1e-2) in one
+    multi-tensor CPU kernel call per parameter group. Arguments as FusedAdam."""
+
+    _decoupled = True
+
+    def __init__(self, params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
+                 check_finite: bool = False, threads: Optional[int] = None):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
+                         check_finite=check_finite, threads=threads)
+
+
+class FusedSGD(_FusedOptimizer):
+    """torch.optim.SGD's update (momentum, dampening, nesterov, weight_decay, maximize)
+    in one multi-tensor CPU kernel call per parameter group.
+
+    Example::
+
+        opt = FusedSGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    """
+
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
+                 check_finite: bool = False, threads: Optional[int] = None):
+        _check_hyper(lr=lr, weight_decay=weight_decay, momentum=momentum)
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ConfigError(f"nesterov momentum needs momentum > 0 and dampening = 0, got momentum={momentum}, "
+                              f"dampening={dampening}")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=maximize, foreach=None, differentiable=False, fused=None)
+        super().__init__(params, defaults, check_finite, threads)
+
+    def _init_state(self, p, st, group):
+        st["momentum_buffer"] = None  # made from the first grad, as torch does
+
+    def _key(self, p, st):
+        return (p.dtype, st.get("momentum_buffer") is None)
+
+    def _update(self, group, key, params, inv_scale, threads, check):
+        k = _kernels()
+        _, first = key
+        mom = group["momentum"]
+        if mom == 0:
+            mode, names = k.Momentum.none, []
+        else:
+            names = ["momentum_buffer"]
+            if first:
+                for p in params:
+                    self.state[p]["momentum_buffer"] = torch.empty_like(p, memory_format=torch.contiguous_format)
+                mode = k.Momentum.first
+            else:
+                mode = k.Momentum.later
+                for p in params:
+                    _check_state(self.state[p]["momentum_buffer"], p, "momentum_buffer")
+        wd = group["weight_decay"]
+        found = k.sgd_step(self._slots(params, names), [p.numel() for p in params], _dtype(params[0]), wd != 0, mode,
+                           bool(group["nesterov"]), -inv_scale if group["maximize"] else inv_scale, wd, mom,
+                           1 - group["dampening"], -group["lr"], check, threads)
+        if found and first:
+            for p in params:  # as if this step never came: the next one makes the buffers
+                self.state[p]["momentum_buffer"] = None
+        return found
+
+
+def _check_state(t: torch.Tensor, p: torch.Tensor, name: str) -> None:
+    if t.shape != p.shape or t.dtype != p.dtype or not t.is_contiguous() or t.device != p.device:
+        raise ConfigError(f"optimizer state '{name}' ({tuple(t.shape)}, {t.dtype}, {t.device}) does not match its "
+                          f"parameter ({tuple(p.shape)}, {p.dtype}, {p.device}); was a state_dict loaded for "
+                          "another model?")
+
+
+def _check_hyper(**values: float) -> None:
+    for name, v in values.items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+            raise ConfigError(f"{name} must be a finite number >= 0, got {v!r}")
