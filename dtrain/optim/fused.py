@@ -50,7 +50,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self.check_finite = bool(check_finite)
         self.threads = threads
         self.skipped_steps = 0
-        self._steps: Dict[int, tuple] = {}  # id(param) -> (step tensor, its _version, value)
+        self._plans: Dict[tuple, tuple] = {}  # (group index, ids of params with grads) -> (generation, batches)
+        self._generation = 0
 
     def _check_param(self, p: torch.Tensor, group_index: int) -> None:
         if p.dtype not in _DTYPES:
@@ -86,63 +87,98 @@ class _FusedOptimizer(torch.optim.Optimizer):
             self.skipped_steps += 1
             return loss
         threads = self.threads or torch.get_num_threads()
-        # Every group's tensors are checked for inf/NaN before any is updated, so a skipped
-        # step leaves all of them alone.
-        plans = []
+        calls: List[_Batch] = []
         for gi, group in enumerate(self.param_groups):
-            batches: Dict[tuple, List[torch.Tensor]] = {}
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                self._check_param(p, gi)
-                st = self.state[p]
-                if not st:
-                    self._init_state(p, st, group)
-                batches.setdefault(self._key(p, st), []).append(p)
-            plans.append((group, batches))
-        calls = [(group, key, params) for group, batches in plans for key, params in batches.items()]
+            live = [p for p in group["params"] if p.grad is not None]
+            key = (gi, tuple(map(id, live)))
+            plan = self._plans.get(key)
+            if plan is None or plan[0] != self._generation:
+                batches = self._plan(gi, group, live)
+                plan = self._plans[key] = (self._generation, batches)
+            calls += plan[1]
+        grads = [self._grads(b) for b in calls]
         # One kernel call checks its grads itself before updating; with several, all are
         # checked first so that a skipped step leaves every parameter alone.
+        check = self.check_finite and len(calls) == 1
         if self.check_finite and len(calls) > 1:
-            if any(not torch.isfinite(p.grad).all() for _, _, params in calls for p in params):
+            if any(not torch.isfinite(g).all() for gs in grads for g in gs):
                 self.skipped_steps += 1
                 return loss
-        for group, key, params in calls:
-            if self._update(group, key, params, inv_scale, threads, self.check_finite and len(calls) == 1):
+        for b, gs in zip(calls, grads):
+            if self._update(b, [g.data_ptr() for g in gs], inv_scale, threads, check):
                 self.skipped_steps += 1
         return loss
 
-    # subclasses: _init_state(p, state, group); _key(p, state) -> tuple, equal for params one kernel
-    # call updates; _update(group, key, params, inv_scale, threads, check) -> True if it skipped
+    def _plan(self, gi: int, group: Dict[str, Any], live: List[torch.Tensor]) -> List["_Batch"]:
+        """Checks the group's parameters that have grads, makes missing state, and cuts them
+        into kernel calls (same dtype, same step). Cached until the set of parameters with
+        grads changes or any plan is rebuilt (building one re-homes step counters)."""
+        self._generation += 1
+        by_key: Dict[tuple, List[torch.Tensor]] = {}
+        for p in live:
+            self._check_param(p, gi)
+            st = self.state[p]
+            if not st:
+                self._init_state(p, st, group)
+            by_key.setdefault(self._key(p, st), []).append(p)
+        batches = []
+        for key, params in by_key.items():
+            names = self._state_names(group, key)
+            for p in params:
+                for n in names:
+                    _check_state(self.state[p][n], p, n)
+            b = _Batch(group, key, params, _dtype(params[0]))
+            b.fixed = [[p.data_ptr() for p in params]] + [[self.state[p][n].data_ptr() for p in params]
+                                                          for n in names]
+            self._adopt(b)
+            batches.append(b)
+        return batches
 
-    def _step_of(self, p: torch.Tensor, step: torch.Tensor) -> int:
-        """The step count of a parameter's state, read from the tensor only when it changed
-        (an .item() per parameter per step would cost more than the update of a small one)."""
-        cached = self._steps.get(id(p))
-        if cached is not None and cached[0] is step and cached[1] == step._version:
-            return cached[2]
-        value = int(step.item())
-        self._steps[id(p)] = (step, step._version, value)
-        return value
+    def _grads(self, b: "_Batch") -> List[torch.Tensor]:
+        out = []
+        for p in b.params:
+            g = p.grad
+            if g.dtype != p.dtype or not g.is_contiguous() or g.shape != p.shape:
+                if g.is_sparse:
+                    raise ConfigError(f"{type(self).__name__} does not take sparse gradients (shape "
+                                      f"{tuple(p.shape)}); use torch.optim.SparseAdam")
+                if g.shape != p.shape:
+                    raise ConfigError(f"a grad of shape {tuple(g.shape)} belongs to a parameter of shape "
+                                      f"{tuple(p.shape)}")
+                g = p.grad = g.to(p.dtype).contiguous()  # rare: a fixed copy the kernel can read
+            out.append(g)
+        return out
 
-    def _count_step(self, params: List[torch.Tensor]) -> None:
-        steps = [self.state[p]["step"] for p in params]
-        values = [self._step_of(p, s) for p, s in zip(params, steps)]
-        torch._foreach_add_(steps, 1.0)
-        for p, s, v in zip(params, steps, values):
-            self._steps[id(p)] = (s, s._version, v + 1)
+    def _adopt(self, b: "_Batch") -> None:
+        """Hook for a new batch (Adam gathers its step counters)."""
 
-    def _slots(self, params: List[torch.Tensor], names: Iterable[str]) -> List[List[int]]:
-        cols = [[p.data_ptr() for p in params], [self._grad(p).data_ptr() for p in params]]
-        for n in names:
-            cols.append([self.state[p][n].data_ptr() for p in params])
-        return cols
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._plans.clear()
+        self._generation += 1
 
-    def _grad(self, p: torch.Tensor) -> torch.Tensor:
-        g = p.grad
-        if g.dtype != p.dtype or not g.is_contiguous():  # rare: keep a fixed copy for the kernel
-            g = p.grad = g.to(p.dtype).contiguous()
-        return g
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "_plans"):
+            self._plans.clear()
+
+    # subclasses: _init_state(p, state, group); _key(p, state) -> tuple, equal for the params one
+    # kernel call updates; _state_names(group, key); _update(batch, grad_ptrs, inv_scale, threads,
+    # check) -> True if it skipped
+
+
+class _Batch:
+    """The parameters one kernel call updates, with their fixed pointers."""
+
+    def __init__(self, group, key, params, dtype):
+        self.group, self.key, self.params, self.dtype = group, key, params, dtype
+        self.numel = [p.numel() for p in params]
+        self.fixed: List[List[int]] = []  # param, then state pointers, slot by slot (grads come per step)
+        self.steps: Optional[torch.Tensor] = None  # Adam: the batch's step counters in one buffer
+        self.step = 0
+
+    def slots(self, grad_ptrs: List[int]) -> List[List[int]]:
+        return [self.fixed[0], grad_ptrs] + self.fixed[1:]
 
 
 class FusedAdam(_FusedOptimizer):
@@ -185,21 +221,28 @@ class FusedAdam(_FusedOptimizer):
             st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
 
     def _key(self, p, st):
-        return (p.dtype, self._step_of(p, st["step"]))
+        if "max_exp_avg_sq" not in st and any(g["amsgrad"] and any(q is p for q in g["params"])
+                                              for g in self.param_groups):
+            st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)  # switched on later
+        return (p.dtype, int(st["step"].item()))
 
-    def _update(self, group, key, params, inv_scale, threads, check):
+    def _state_names(self, group, key):
+        return ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
+
+    def _adopt(self, b):
+        # The batch's step counters become 0-d views of one buffer: one add per step counts
+        # them all, and each parameter's state still holds its own "step" tensor, as torch's.
+        b.step = b.key[1]
+        b.steps = torch.full((len(b.params),), float(b.step), dtype=torch.float32)
+        for i, p in enumerate(b.params):
+            self.state[p]["step"] = b.steps[i]
+
+    def _update(self, b, grad_ptrs, inv_scale, threads, check):
         k = _kernels()
-        dtype, step = key
-        step += 1
+        group = b.group
+        step = b.step + 1
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         decoupled = self._decoupled or group.get("decoupled_weight_decay", False)
-        names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
-        for p in params:
-            st = self.state[p]
-            if group["amsgrad"] and "max_exp_avg_sq" not in st:  # amsgrad switched on later
-                st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            for n in names:
-                _check_state(st[n], p, n)
         if wd == 0:
             decay = k.Decay.none
         else:
@@ -207,11 +250,12 @@ class FusedAdam(_FusedOptimizer):
         # The scalars as torch computes them (Python floats, double precision).
         bias1 = 1 - beta1 ** step
         bias2 = 1 - beta2 ** step
-        found = k.adam_step(self._slots(params, names), [p.numel() for p in params], _dtype(params[0]), decay,
-                            bool(group["amsgrad"]), -inv_scale if group["maximize"] else inv_scale, 1 - beta1,
-                            beta2, 1 - beta2, eps, wd, 1 - lr * wd, -(lr / bias1), math.sqrt(bias2), check, threads)
+        found = k.adam_step(b.slots(grad_ptrs), b.numel, b.dtype, decay, bool(group["amsgrad"]),
+                            -inv_scale if group["maximize"] else inv_scale, 1 - beta1, beta2, 1 - beta2, eps, wd,
+                            1 - lr * wd, -(lr / bias1), math.sqrt(bias2), check, threads)
         if not found:
-            self._count_step(params)
+            b.step = step
+            b.steps.add_(1.0)
         return found
 
 
@@ -254,29 +298,30 @@ class FusedSGD(_FusedOptimizer):
     def _key(self, p, st):
         return (p.dtype, st.get("momentum_buffer") is None)
 
-    def _update(self, group, key, params, inv_scale, threads, check):
+    def _state_names(self, group, key):
+        return [] if group["momentum"] == 0 or key[1] else ["momentum_buffer"]
+
+    def _update(self, b, grad_ptrs, inv_scale, threads, check):
         k = _kernels()
-        _, first = key
-        mom = group["momentum"]
+        group = b.group
+        mom, first = group["momentum"], b.key[1]
+        slots = b.slots(grad_ptrs)
         if mom == 0:
-            mode, names = k.Momentum.none, []
+            mode = k.Momentum.none
+        elif first:  # the buffers start as this step's grads; the plan is rebuilt after
+            bufs = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in b.params]
+            slots.append([t.data_ptr() for t in bufs])
+            mode = k.Momentum.first
         else:
-            names = ["momentum_buffer"]
-            if first:
-                for p in params:
-                    self.state[p]["momentum_buffer"] = torch.empty_like(p, memory_format=torch.contiguous_format)
-                mode = k.Momentum.first
-            else:
-                mode = k.Momentum.later
-                for p in params:
-                    _check_state(self.state[p]["momentum_buffer"], p, "momentum_buffer")
+            mode = k.Momentum.later
         wd = group["weight_decay"]
-        found = k.sgd_step(self._slots(params, names), [p.numel() for p in params], _dtype(params[0]), wd != 0, mode,
-                           bool(group["nesterov"]), -inv_scale if group["maximize"] else inv_scale, wd, mom,
-                           1 - group["dampening"], -group["lr"], check, threads)
-        if found and first:
-            for p in params:  # as if this step never came: the next one makes the buffers
-                self.state[p]["momentum_buffer"] = None
+        found = k.sgd_step(slots, b.numel, b.dtype, wd != 0, mode, bool(group["nesterov"]),
+                           -inv_scale if group["maximize"] else inv_scale, wd, mom, 1 - group["dampening"],
+                           -group["lr"], check, threads)
+        if mode == k.Momentum.first and not found:
+            for p, t in zip(b.params, bufs):
+                self.state[p]["momentum_buffer"] = t
+            self._generation += 1  # the state changed: plans made before are stale
         return found
 
 
