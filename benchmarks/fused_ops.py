@@ -1,0 +1,137 @@
+"""Fused optimizer steps against torch's, in one run on one machine.
+
+    python benchmarks/fused_ops.py                     # 1M, 10M, 100M parameters; 1 and 2 threads
+    python benchmarks/fused_ops.py --quick --out bench-out
+
+Each size is spread over ~200 float32 tensors (as a model's layers are). Times are
+the median step over several trials after a warm-up step, for:
+- FusedAdam against torch.optim.Adam(foreach=True) and Adam(fused=True)
+- FusedSGD (momentum 0.9) against torch.optim.SGD(foreach=True)
+and the achieved bandwidth (Adam moves 7 x 4 bytes per parameter: reads param, grad,
+exp_avg, exp_avg_sq; writes param, exp_avg, exp_avg_sq; SGD with momentum 5 x 4).
+Writes fused_ops.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import torch  # noqa: E402
+
+from dtrain.optim import FusedAdam, FusedSGD  # noqa: E402
+
+CASES = {  # name -> (builder, bytes moved per parameter, peer it is measured against)
+    "adam torch foreach": (lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True), 28),
+    "adam torch fused": (lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True), 28),
+    "adam dtrain": (lambda ps: FusedAdam(ps, lr=1e-3), 28),
+    "sgd torch foreach": (lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, foreach=True), 20),
+    "sgd dtrain": (lambda ps: FusedSGD(ps, lr=1e-3, momentum=0.9), 20),
+}
+TARGETS = [("adam dtrain", "adam torch foreach", 1.5), ("adam dtrain", "adam torch fused", 1.0),
+           ("sgd dtrain", "sgd torch foreach", 1.0)]
+
+
+def params(total: int, tensors: int = 200):
+    g = torch.Generator().manual_seed(0)
+    per = max(1, total // tensors)
+    out = []
+    for i in range(tensors):
+        n = per + (i % 7) * 13  # uneven, as layers are
+        p = torch.randn(n, generator=g).requires_grad_()
+        p.grad = torch.randn(n, generator=g)
+        out.append(p)
+    return out
+
+
+def time_step(make, total, trials):
+    ps = params(total)
+    opt = make(ps)
+    opt.step()  # state, plans, pages
+    times = []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    n = sum(p.numel() for p in ps)
+    del opt, ps
+    gc.collect()
+    return statistics.median(times), n
+
+
+def plot(results, sizes, threads_list, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, len(threads_list), figsize=(6 * len(threads_list), 4), squeeze=False)
+    for ax, th in zip(axes[0], threads_list):
+        for name in CASES:
+            ys = [results[f"{name}|{s}|{th}"]["gb_per_s"] for s in sizes if f"{name}|{s}|{th}" in results]
+            ax.plot([s / 1e6 for s in sizes][:len(ys)], ys, marker="o", label=name,
+                    linestyle="-" if "dtrain" in name else "--")
+        ax.set_xscale("log")
+        ax.set_xlabel("parameters (millions, ~200 tensors)")
+        ax.set_ylabel("GB/s moved by the step")
+        ax.set_title(f"{th} thread(s)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="1M and 10M parameters, fewer trials")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--sizes", default=None, help="comma-separated parameter counts")
+    ap.add_argument("--threads", default="1,2")
+    args = ap.parse_args()
+    sizes = [int(float(s)) for s in args.sizes.split(",")] if args.sizes else (
+        [10**6, 10**7] if args.quick else [10**6, 10**7, 10**8])
+    threads_list = [int(t) for t in args.threads.split(",")]
+    from tqdm import tqdm
+    results = {}
+    jobs = [(th, s, name) for th in threads_list for s in sizes for name in CASES]
+    for th, s, name in tqdm(jobs, desc="fused ops", ncols=90, file=sys.stderr):
+        torch.set_num_threads(th)
+        trials = 5 if s >= 10**8 else (9 if args.quick else 21)
+        sec, n = time_step(CASES[name][0], s, trials)
+        results[f"{name}|{s}|{th}"] = {"case": name, "params": n, "threads": th, "ms": sec * 1e3,
+                                       "gb_per_s": n * CASES[name][1] / sec / 1e9}
+    lines = [f"# Fused optimizer step, {os.cpu_count()} cores, float32, ~200 tensors, median step\n",
+             "| params | threads | case | ms/step | GB/s moved |", "|---:|---:|---|---:|---:|"]
+    for th in threads_list:
+        for s in sizes:
+            for name in CASES:
+                r = results[f"{name}|{s}|{th}"]
+                lines.append(f"| {s / 1e6:g}M | {th} | {name} | {r['ms']:.2f} | {r['gb_per_s']:.1f} |")
+    lines += ["", "| params | threads | ratio | measured | target |", "|---:|---:|---|---:|---:|"]
+    for th in threads_list:
+        for s in sizes:
+            for mine, peer, target in TARGETS:
+                ratio = results[f"{peer}|{s}|{th}"]["ms"] / results[f"{mine}|{s}|{th}"]["ms"]
+                lines.append(f"| {s / 1e6:g}M | {th} | {mine} vs {peer} | {ratio:.2f}x | {target}x |")
+    md = "\n".join(lines) + "\n"
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "fused_ops.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(args.out, "fused_ops.json"), "w") as f:
+        json.dump({"cores": os.cpu_count(), "torch": torch.__version__, "results": results}, f, indent=1)
+    print(md)
+    if plot(results, sizes, threads_list, os.path.join(args.out, "fused_ops.png")):
+        print(f"wrote {args.out}/fused_ops.png", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
