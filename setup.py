@@ -43,6 +43,12 @@ class BuildExt(build_ext):
     """Compiles csrc/**/cuda/*.cu with nvcc (when found) and links them into _C."""
 
     def build_extension(self, ext):
+        # Objects are rebuilt only when their own .cc is newer; a changed header would leave
+        # stale objects with another struct layout linked together. Rebuild all instead.
+        built = self.get_ext_fullpath(ext.name)
+        headers = glob.glob(os.path.join("csrc", "**", "*.h"), recursive=True)
+        if os.path.exists(built) and headers and max(map(os.path.getmtime, headers)) > os.path.getmtime(built):
+            self.force = True
         nvcc = _nvcc()
         cu = sorted(glob.glob(os.path.join("csrc", "**", "cuda", "*.cu"), recursive=True))
         if nvcc and cu:

@@ -67,6 +67,46 @@ def time_step(make, total, trials):
     return statistics.median(times), n
 
 
+def fusion_cases(total):
+    """Tensor fusion against torch: (name, dtrain fn, torch fn) over ~200 float32 tensors."""
+    from dtrain import ops
+    ts = [p.detach() for p in params(total)]
+    n = sum(t.numel() for t in ts)
+    out16 = torch.empty(n, dtype=torch.float16)
+    flat16 = ops.pack(ts, dtype=torch.float16)
+    grads = [torch.randn_like(t) for t in ts]
+    ps = [t.clone().requires_grad_() for t in ts]
+    for p, g in zip(ps, grads):
+        p.grad = g.clone()
+
+    def torch_unpack():
+        off = 0
+        for t in ts:
+            t.add_(flat16[off:off + t.numel()].view(t.shape).float())
+            off += t.numel()
+    return n, [
+        ("pack+cast fp16 (reused buffer)", lambda: ops.pack(ts, dtype=torch.float16, out=out16),
+         lambda: torch.cat([t.flatten() for t in ts]).half()),
+        ("pack+cast fp16 (new buffer)", lambda: ops.pack(ts, dtype=torch.float16),
+         lambda: torch.cat([t.flatten() for t in ts]).half()),
+        ("unpack fp16 + add", lambda: ops.unpack(flat16, ts, accumulate=True), torch_unpack),
+        ("2-norm of all", lambda: ops.multi_tensor_norm(ts),
+         lambda: torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in ts]))),
+        ("clip_grad_norm_", lambda: ops.clip_grad_norm_(ps, 1e9),
+         lambda: torch.nn.utils.clip_grad_norm_(ps, 1e9)),
+    ]
+
+
+def time_fn(fn, trials):
+    fn()
+    times = []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def plot(results, sizes, threads_list, path):
     try:
         import matplotlib
@@ -122,6 +162,18 @@ def main():
             for mine, peer, target in TARGETS:
                 ratio = results[f"{peer}|{s}|{th}"]["ms"] / results[f"{mine}|{s}|{th}"]["ms"]
                 lines.append(f"| {s / 1e6:g}M | {th} | {mine} vs {peer} | {ratio:.2f}x | {target}x |")
+    lines += ["", "## Tensor fusion (float32 tensors, ~200 of them)", "",
+              "| params | threads | op | dtrain ms | torch ms | speed-up |", "|---:|---:|---|---:|---:|---:|"]
+    fusion = {}
+    for th in threads_list:
+        torch.set_num_threads(th)
+        for s in sizes[:2]:
+            n, cases = fusion_cases(s)
+            for name, mine, theirs in cases:
+                a, b = time_fn(mine, 11), time_fn(theirs, 11)
+                fusion[f"{name}|{s}|{th}"] = {"dtrain_ms": a * 1e3, "torch_ms": b * 1e3}
+                lines.append(f"| {s / 1e6:g}M | {th} | {name} | {a * 1e3:.2f} | {b * 1e3:.2f} | {b / a:.2f}x |")
+    results["fusion"] = fusion
     md = "\n".join(lines) + "\n"
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "fused_ops.md"), "w") as f:

@@ -65,5 +65,45 @@ void bindKernels(py::module_& m) {
         py::arg("damp_comp"), py::arg("neg_lr"), py::arg("check_finite"), py::arg("threads"),
         "One SGD step over every tensor (slots: params, grads[, momentum_buffer]). Returns True, updating "
         "nothing, when check_finite and a grad holds inf/NaN.");
+  auto ptrs = [](const std::vector<uintptr_t>& v) {
+    std::vector<void*> out(v.size());
+    for (size_t i = 0; i < v.size(); ++i) out[i] = reinterpret_cast<void*>(v[i]);
+    return out;
+  };
+  m.def("pack",
+        [ptrs](const std::vector<uintptr_t>& src, const std::vector<int64_t>& numel, DType srcType, uintptr_t flat,
+               DType flatType, float scale, int threads) {
+          std::vector<void*> p = ptrs(src);
+          std::vector<const void*> in(p.begin(), p.end());
+          py::gil_scoped_release nogil;
+          packTensors(in, numel, srcType, reinterpret_cast<void*>(flat), flatType, scale, threads);
+        },
+        py::arg("src"), py::arg("numel"), py::arg("src_dtype"), py::arg("flat"), py::arg("flat_dtype"),
+        py::arg("scale"), py::arg("threads"),
+        "Copies the tensors back to back into `flat`, cast to flat_dtype and multiplied by scale, in one pass.");
+  m.def("unpack",
+        [ptrs](uintptr_t flat, DType flatType, const std::vector<uintptr_t>& dst, const std::vector<int64_t>& numel,
+               DType dstType, float scale, bool accumulate, int threads) {
+          std::vector<void*> out = ptrs(dst);
+          py::gil_scoped_release nogil;
+          unpackTensors(reinterpret_cast<const void*>(flat), flatType, out, numel, dstType, scale, accumulate,
+                        threads);
+        },
+        py::arg("flat"), py::arg("flat_dtype"), py::arg("dst"), py::arg("numel"), py::arg("dst_dtype"),
+        py::arg("scale"), py::arg("accumulate"), py::arg("threads"),
+        "Copies `flat` back into the tensors, cast to dst_dtype and multiplied by scale; adds when accumulate.");
+  m.def("norm",
+        [ptrs](const std::vector<uintptr_t>& x, const std::vector<int64_t>& numel, DType dt, int threads) {
+          std::vector<void*> p = ptrs(x);
+          std::vector<const void*> in(p.begin(), p.end());
+          NormPart r;
+          {
+            py::gil_scoped_release nogil;
+            r = multiTensorNorm(in, numel, dt, threads);
+          }
+          return py::make_tuple(r.sumSq, r.maxAbs, r.nan);
+        },
+        py::arg("x"), py::arg("numel"), py::arg("dtype"), py::arg("threads"),
+        "(sum of squares in double, max |x|, any NaN) over all the tensors, in one pass each.");
   m.def("isa", &optimIsa, "The instruction set the CPU kernels run: avx512, avx2 or generic.");
 }

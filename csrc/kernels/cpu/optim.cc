@@ -11,9 +11,9 @@
 namespace dtrain {
 namespace kernels {
 
-OptimTable optimTable_generic();
-OptimTable optimTable_avx2();
-OptimTable optimTable_avx512();
+CpuTable optimTable_generic();
+CpuTable optimTable_avx2();
+CpuTable optimTable_avx512();
 
 namespace {
 
@@ -21,8 +21,8 @@ namespace {
 // every chunk but a tensor's last starts on a vector boundary.
 constexpr int64_t kChunk = int64_t(1) << 16;
 
-const OptimTable& table() {
-  static const OptimTable t = [] {
+const CpuTable& table() {
+  static const CpuTable t = [] {
     const char* want = std::getenv("DTRAIN_ISA");  // generic|avx2|avx512 pins one (tests, benchmarks)
     auto has512 = [] {
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -89,7 +89,7 @@ void check(const TensorLists& t, int slots) {
 }
 
 bool allFinite(const TensorLists& t, const std::vector<Piece>& ps, int threads) {
-  const OptimTable& k = table();
+  const CpuTable& k = table();
   return parallel(ps, threads, [&](const Piece& p) { return k.finite(t.dtype, t.ptr[p.tensor][kGrad], p.begin, p.end); });
 }
 
@@ -101,7 +101,7 @@ bool adamStep(const TensorLists& t, Decay decay, bool amsgrad, const AdamArgs& a
   check(t, amsgrad ? 5 : 4);
   const std::vector<Piece> ps = pieces(t);
   if (checkFinite && !allFinite(t, ps, threads)) return true;
-  const OptimTable& k = table();
+  const CpuTable& k = table();
   parallel(ps, threads, [&](const Piece& p) {
     k.adam(t.dtype, decay, amsgrad, t.ptr[p.tensor].data(), p.begin, p.end, a);
     return true;
@@ -114,12 +114,88 @@ bool sgdStep(const TensorLists& t, bool l2, Momentum momentum, bool nesterov, co
   check(t, momentum == Momentum::kNone ? 2 : 3);
   const std::vector<Piece> ps = pieces(t);
   if (checkFinite && !allFinite(t, ps, threads)) return true;
-  const OptimTable& k = table();
+  const CpuTable& k = table();
   parallel(ps, threads, [&](const Piece& p) {
     k.sgd(t.dtype, l2, momentum, nesterov, t.ptr[p.tensor].data(), p.begin, p.end, a);
     return true;
   });
   return false;
+}
+
+namespace {
+
+// Pieces of the flat buffer: tensor i's chunk [b, e) sits at flat offset off_i + b.
+std::vector<int64_t> offsets(const std::vector<int64_t>& numel) {
+  std::vector<int64_t> off(numel.size() + 1, 0);
+  for (size_t i = 0; i < numel.size(); ++i) off[i + 1] = off[i] + numel[i];
+  return off;
+}
+
+std::vector<Piece> piecesOf(const std::vector<int64_t>& numel) {
+  TensorLists t;
+  t.numel = numel;
+  return pieces(t);
+}
+
+size_t bytesOf(DType dt) { return dt == DType::kFloat32 ? 4 : 2; }
+
+void checkFloat(DType dt, const char* what) {
+  DTRAIN_CHECK(dt == DType::kFloat32 || dt == DType::kFloat16 || dt == DType::kBFloat16, kConfig, what,
+               " must be float32, float16 or bfloat16, not ", dtypeName(dt));
+}
+
+}  // namespace
+
+void packTensors(const std::vector<const void*>& src, const std::vector<int64_t>& numel, DType srcType, void* flat,
+                 DType flatType, float scale, int threads) {
+  checkFloat(srcType, "packed tensors");
+  checkFloat(flatType, "the flat buffer");
+  DTRAIN_CHECK(src.size() == numel.size(), kConfig, src.size(), " tensors but ", numel.size(), " sizes");
+  const std::vector<int64_t> off = offsets(numel);
+  const CpuTable& k = table();
+  auto* out = static_cast<uint8_t*>(flat);
+  parallel(piecesOf(numel), threads, [&](const Piece& p) {
+    const auto* in = static_cast<const uint8_t*>(src[p.tensor]) + p.begin * bytesOf(srcType);
+    k.convert(flatType, out + (off[p.tensor] + p.begin) * bytesOf(flatType), srcType, in, p.end - p.begin, scale,
+              false);
+    return true;
+  });
+}
+
+void unpackTensors(const void* flat, DType flatType, const std::vector<void*>& dst, const std::vector<int64_t>& numel,
+                   DType dstType, float scale, bool accumulate, int threads) {
+  checkFloat(dstType, "unpacked tensors");
+  checkFloat(flatType, "the flat buffer");
+  DTRAIN_CHECK(dst.size() == numel.size(), kConfig, dst.size(), " tensors but ", numel.size(), " sizes");
+  const std::vector<int64_t> off = offsets(numel);
+  const CpuTable& k = table();
+  const auto* in = static_cast<const uint8_t*>(flat);
+  parallel(piecesOf(numel), threads, [&](const Piece& p) {
+    auto* out = static_cast<uint8_t*>(dst[p.tensor]) + p.begin * bytesOf(dstType);
+    k.convert(dstType, out, flatType, in + (off[p.tensor] + p.begin) * bytesOf(flatType), p.end - p.begin, scale,
+              accumulate);
+    return true;
+  });
+}
+
+NormPart multiTensorNorm(const std::vector<const void*>& x, const std::vector<int64_t>& numel, DType dt, int threads) {
+  checkFloat(dt, "tensors of a norm");
+  DTRAIN_CHECK(x.size() == numel.size(), kConfig, x.size(), " tensors but ", numel.size(), " sizes");
+  const std::vector<Piece> ps = piecesOf(numel);
+  std::vector<NormPart> parts(ps.size());
+  const CpuTable& k = table();
+  parallel(ps, threads, [&](const Piece& p) {
+    const size_t i = &p - ps.data();
+    parts[i] = k.norm(dt, static_cast<const uint8_t*>(x[p.tensor]) + p.begin * bytesOf(dt), p.end - p.begin);
+    return true;
+  });
+  NormPart out;  // summed in piece order: the same result for any thread count
+  for (const NormPart& q : parts) {
+    out.sumSq += q.sumSq;
+    out.maxAbs = q.maxAbs > out.maxAbs ? q.maxAbs : out.maxAbs;
+    out.nan = out.nan || q.nan;
+  }
+  return out;
 }
 
 }  // namespace kernels

@@ -32,12 +32,31 @@ bool sgdStep(const TensorLists& t, bool l2, Momentum momentum, bool nesterov, co
 // The ISA the kernels run ("avx512", "avx2" or "generic").
 const char* optimIsa();
 
+// A piece of a multi-tensor norm.
+struct NormPart {
+  double sumSq = 0;
+  float maxAbs = 0;
+  bool nan = false;
+};
+
+// Copies every tensor into one flat buffer (`pack`) or back (`unpack`), casting between
+// float32/fp16/bf16, multiplying by `scale`, and (unpack) adding into the destination
+// when `accumulate`. Tensor i occupies flat[offset_i, offset_i + numel_i), offsets in order.
+void packTensors(const std::vector<const void*>& src, const std::vector<int64_t>& numel, DType srcType, void* flat,
+                 DType flatType, float scale, int threads);
+void unpackTensors(const void* flat, DType flatType, const std::vector<void*>& dst, const std::vector<int64_t>& numel,
+                   DType dstType, float scale, bool accumulate, int threads);
+// Sum of squares (in double) and max |x| over all tensors; nan when any element is NaN.
+NormPart multiTensorNorm(const std::vector<const void*>& x, const std::vector<int64_t>& numel, DType dt, int threads);
+
 // Per-ISA chunk functions (optim_{generic,avx2,avx512}.cc).
-struct OptimTable {
+struct CpuTable {
   const char* name;
   void (*adam)(DType, Decay, bool amsgrad, void* const* slots, int64_t begin, int64_t end, const AdamArgs&);
   void (*sgd)(DType, bool l2, Momentum, bool nesterov, void* const* slots, int64_t begin, int64_t end, const SgdArgs&);
   bool (*finite)(DType, const void* grad, int64_t begin, int64_t end);
+  void (*convert)(DType dstType, void* dst, DType srcType, const void* src, int64_t n, float scale, bool add);
+  NormPart (*norm)(DType, const void* x, int64_t n);
 };
 
 }  // namespace kernels

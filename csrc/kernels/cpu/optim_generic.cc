@@ -12,8 +12,9 @@ namespace dtrain {
 namespace kernels {
 namespace isa_generic {
 #include "kernels/cpu/optim_impl.h"
+#include "kernels/cpu/fusion_impl.h"
 }  // namespace isa_generic
 
-OptimTable optimTable_generic() { return isa_generic::table("generic"); }
+CpuTable optimTable_generic() { return isa_generic::table("generic"); }
 }  // namespace kernels
 }  // namespace dtrain

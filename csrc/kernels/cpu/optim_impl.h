@@ -110,4 +110,4 @@ bool finite(DType dt, const void* grad, int64_t b, int64_t e) {
   }
 }
 
-OptimTable table(const char* name) { return OptimTable{name, &adam, &sgd, &finite}; }
+

@@ -1,0 +1,147 @@
+"""Tensor fusion: many tensors into one flat buffer and back, with a cast and a scale
+in the same pass, and norms over many tensors in one pass.
+
+    flat = ops.pack(grads, dtype=torch.float16, scale=1 / world)   # one buffer for the wire
+    ops.unpack(flat, grads, scale=1.0)                              # cast back into each grad
+    total = ops.clip_grad_norm_(model.parameters(), max_norm=1.0)   # as torch.nn.utils'
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from dtrain.errors import ConfigError
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _k():
+    from dtrain import _C
+    return _C.kernels
+
+
+def _dt(dtype: torch.dtype):
+    from dtrain import _C
+    return {torch.float32: _C.DType.float32, torch.float16: _C.DType.float16,
+            torch.bfloat16: _C.DType.bfloat16}[dtype]
+
+
+def _threads(threads: Optional[int]) -> int:
+    return threads or torch.get_num_threads()
+
+
+def _check(tensors: Sequence[torch.Tensor], what: str) -> None:
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise ConfigError(f"{what}: item {i} is a {type(t).__name__}, not a tensor")
+        if t.dtype not in _FLOATS:
+            raise ConfigError(f"{what}: tensor {i} is {t.dtype}; these kernels take float32, float16 and bfloat16")
+        if t.device.type != "cpu":
+            raise ConfigError(f"{what}: tensor {i} is on {t.device}; this build has CPU kernels only")
+
+
+def _runs(tensors: Sequence[torch.Tensor]) -> List[Tuple[int, int]]:
+    """[start, end) index ranges of consecutive tensors sharing a dtype (one kernel call each)."""
+    out, start = [], 0
+    for i in range(1, len(tensors) + 1):
+        if i == len(tensors) or tensors[i].dtype != tensors[start].dtype:
+            out.append((start, i))
+            start = i
+    return out
+
+
+def pack(tensors: Sequence[torch.Tensor], dtype: Optional[torch.dtype] = None, scale: float = 1.0,
+         out: Optional[torch.Tensor] = None, threads: Optional[int] = None) -> torch.Tensor:
+    """All tensors, flattened back to back into one 1-D tensor of `dtype` (default: the
+    first tensor's), each element multiplied by `scale`, in one pass over memory.
+
+    Raises ConfigError for non-float or non-CPU tensors, or an `out` of the wrong size or dtype.
+    """
+    tensors = list(tensors)
+    _check(tensors, "pack")
+    dtype = dtype or (tensors[0].dtype if tensors else torch.float32)
+    if dtype not in _FLOATS:
+        raise ConfigError(f"pack casts to float32, float16 or bfloat16, not {dtype}")
+    total = sum(t.numel() for t in tensors)
+    if out is None:
+        out = torch.empty(total, dtype=dtype)
+    elif out.dtype != dtype or out.numel() != total or not out.is_contiguous() or out.device.type != "cpu":
+        raise ConfigError(f"pack's out must be a contiguous CPU {dtype} tensor of {total} elements, got "
+                          f"{out.dtype} with {out.numel()} on {out.device}")
+    src = [t.contiguous() for t in tensors]  # a copy only for a non-contiguous tensor
+    offset, esize = 0, out.element_size()
+    for a, b in _runs(src):
+        run = src[a:b]
+        _k().pack([t.data_ptr() for t in run], [t.numel() for t in run], _dt(run[0].dtype),
+                  out.data_ptr() + offset * esize, _dt(dtype), float(scale), _threads(threads))
+        offset += sum(t.numel() for t in run)
+    return out
+
+
+def unpack(flat: torch.Tensor, tensors: Sequence[torch.Tensor], scale: float = 1.0, accumulate: bool = False,
+           threads: Optional[int] = None) -> None:
+    """Writes `flat` (as pack() laid it out) back into the tensors, cast to each one's dtype
+    and multiplied by `scale`; with accumulate=True adds into them instead.
+
+    Raises ConfigError when flat's size is not the tensors' total or a tensor is not contiguous.
+    """
+    tensors = list(tensors)
+    _check(tensors + [flat], "unpack")
+    total = sum(t.numel() for t in tensors)
+    if flat.numel() != total or not flat.is_contiguous():
+        raise ConfigError(f"unpack's flat tensor has {flat.numel()} elements (contiguous: {flat.is_contiguous()}); "
+                          f"the tensors hold {total}")
+    for i, t in enumerate(tensors):
+        if not t.is_contiguous():
+            raise ConfigError(f"unpack writes in place, so tensor {i} (shape {tuple(t.shape)}) must be contiguous")
+    offset, esize = 0, flat.element_size()
+    for a, b in _runs(tensors):
+        run = tensors[a:b]
+        _k().unpack(flat.data_ptr() + offset * esize, _dt(flat.dtype), [t.data_ptr() for t in run],
+                    [t.numel() for t in run], _dt(run[0].dtype), float(scale), bool(accumulate), _threads(threads))
+        offset += sum(t.numel() for t in run)
+
+
+def multi_tensor_norm(tensors: Sequence[torch.Tensor], norm_type: float = 2.0,
+                      threads: Optional[int] = None) -> torch.Tensor:
+    """The norm of all tensors' elements together (2: sqrt of the summed squares, computed
+    in double; inf: the largest |x|), as a float32 scalar tensor. NaN if any element is NaN."""
+    tensors = [t.contiguous() for t in tensors]
+    _check(tensors, "multi_tensor_norm")
+    norm_type = float(norm_type)
+    if norm_type not in (2.0, math.inf):
+        if not tensors:
+            return torch.tensor(0.0)
+        norms = torch.stack([torch.linalg.vector_norm(t.float(), norm_type) for t in tensors])
+        return torch.linalg.vector_norm(norms, norm_type)
+    sum_sq, max_abs, nan = 0.0, 0.0, False
+    for a, b in _runs(tensors):
+        run = tensors[a:b]
+        s, m, n = _k().norm([t.data_ptr() for t in run], [t.numel() for t in run], _dt(run[0].dtype),
+                            _threads(threads))
+        sum_sq, max_abs, nan = sum_sq + s, max(max_abs, m), nan or n
+    if nan:
+        return torch.tensor(float("nan"))
+    return torch.tensor(math.sqrt(sum_sq) if norm_type == 2.0 else max_abs, dtype=torch.float32)
+
+
+def clip_grad_norm_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], max_norm: float,
+                    norm_type: float = 2.0, error_if_nonfinite: bool = False) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ with the norm taken in one pass per dtype: scales
+    every grad by min(1, max_norm / (total_norm + 1e-6)) and returns the total norm."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    total = multi_tensor_norm(grads, norm_type)
+    if error_if_nonfinite and not torch.isfinite(total):
+        raise RuntimeError(f"The total norm of order {float(norm_type)} for gradients from `parameters` is "
+                           "non-finite, so it cannot be clipped. To disable this error and scale the gradients "
+                           "by the non-finite norm anyway, set `error_if_nonfinite=False`")
+    coef = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
+    torch._foreach_mul_(grads, coef)
+    return total

@@ -1,0 +1,125 @@
+"""dtrain.ops pack/unpack/norms against torch's cat + cast, vector_norm and clip_grad_norm_.
+
+Casts must be bit-identical to torch's (both round to nearest even); scaled casts equal
+torch's multiply-then-cast; the 2-norm, summed in double, is within 1e-6 relative of a
+float64 reference (torch's own float32 norm is the looser of the two).
+"""
+
+import math
+
+import pytest
+import torch
+
+from dtrain import ops
+from dtrain.errors import ConfigError
+
+FLOATS = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def tensors(shapes, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(s, generator=g) * 3).to(dtype) for s in shapes]
+
+
+SHAPE_SETS = {
+    "empty-list": [],
+    "tiny": [(0,), (1,), (7,)],
+    "odd": [(1000,), (33, 31), (70001,), (0, 4)],
+    "many": [(i % 37 + 1, i % 5 + 1) for i in range(130)],
+}
+
+
+@pytest.mark.parametrize("src", FLOATS)
+@pytest.mark.parametrize("dst", FLOATS)
+@pytest.mark.parametrize("shapes", list(SHAPE_SETS), ids=list(SHAPE_SETS))
+@pytest.mark.parametrize("scale", [1.0, 0.25, 3.0])
+def test_pack_is_cat_then_cast(src, dst, shapes, scale):
+    ts = tensors(SHAPE_SETS[shapes], src)
+    got = ops.pack(ts, dtype=dst, scale=scale)
+    flat = torch.cat([t.float().flatten() for t in ts]) if ts else torch.zeros(0)
+    want = (flat * scale).to(dst)
+    assert got.dtype == dst and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("flat_dtype", FLOATS)
+@pytest.mark.parametrize("dst", FLOATS)
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_unpack_casts_scales_and_adds(flat_dtype, dst, accumulate):
+    shapes = SHAPE_SETS["odd"] + SHAPE_SETS["many"]
+    outs = tensors(shapes, dst, seed=1)
+    before = [t.clone() for t in outs]
+    flat = (torch.randn(sum(math.prod(s) for s in shapes)) * 2).to(flat_dtype)
+    ops.unpack(flat, outs, scale=0.5, accumulate=accumulate)
+    off = 0
+    for b, o in zip(before, outs):
+        piece = flat[off:off + o.numel()].float().view(o.shape) * 0.5
+        want = (b.float() + piece).to(dst) if accumulate else piece.to(dst)
+        assert torch.equal(o, want)
+        off += o.numel()
+
+
+def test_pack_handles_mixed_dtypes_and_non_contiguous_inputs():
+    a = torch.randn(6, 5).t()  # not contiguous
+    b = torch.randn(9, dtype=torch.bfloat16)
+    c = torch.randn(4, dtype=torch.float16)
+    got = ops.pack([a, b, c], dtype=torch.float32)
+    assert torch.equal(got, torch.cat([a.flatten(), b.float(), c.float()]))
+
+
+def test_pack_into_a_given_buffer_and_its_checks():
+    ts = tensors([(10,), (3, 3)])
+    out = torch.empty(19, dtype=torch.float16)
+    assert ops.pack(ts, dtype=torch.float16, out=out) is out
+    with pytest.raises(ConfigError, match="19 elements"):
+        ops.pack(ts, dtype=torch.float16, out=torch.empty(18, dtype=torch.float16))
+    with pytest.raises(ConfigError, match="float64"):
+        ops.pack([torch.zeros(3, dtype=torch.float64)])
+    with pytest.raises(ConfigError, match="contiguous"):
+        ops.unpack(torch.zeros(30), [torch.zeros(6, 5).t()])
+    with pytest.raises(ConfigError, match="holds|hold 9"):
+        ops.unpack(torch.zeros(8), [torch.zeros(9)])
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("shapes", ["tiny", "odd", "many"])
+def test_norms_match_a_float64_reference(dtype, shapes):
+    ts = tensors(SHAPE_SETS[shapes], dtype, seed=2)
+    flat64 = torch.cat([t.double().flatten() for t in ts])
+    two = ops.multi_tensor_norm(ts, 2.0)
+    assert math.isclose(float(two), float(flat64.norm()), rel_tol=1e-6, abs_tol=1e-30)
+    inf = ops.multi_tensor_norm(ts, math.inf)
+    assert float(inf) == float(flat64.abs().max())
+    one = ops.multi_tensor_norm(ts, 1.0)  # other orders go through torch
+    assert math.isclose(float(one), float(flat64.abs().sum()), rel_tol=1e-5)
+
+
+def test_norm_reports_nan_and_does_not_depend_on_threads():
+    ts = tensors([(300_000,), (5,), (200_001,)], seed=3)
+    a = ops.multi_tensor_norm(ts, threads=1)
+    b = ops.multi_tensor_norm(ts, threads=2)
+    assert torch.equal(a, b)
+    ts[2][77] = float("nan")
+    assert math.isnan(float(ops.multi_tensor_norm(ts)))
+    assert math.isnan(float(ops.multi_tensor_norm(ts, math.inf)))
+    ts[2][77] = float("inf")
+    assert float(ops.multi_tensor_norm(ts, math.inf)) == math.inf
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+@pytest.mark.parametrize("max_norm", [0.5, 1e6])
+def test_clip_grad_norm_matches_torch(norm_type, max_norm):
+    def make():
+        torch.manual_seed(4)
+        m = torch.nn.Sequential(torch.nn.Linear(30, 20), torch.nn.ReLU(), torch.nn.Linear(20, 3))
+        m(torch.randn(8, 30)).square().sum().backward()
+        return m
+    a, b = make(), make()
+    ta = ops.clip_grad_norm_(a.parameters(), max_norm, norm_type)
+    tb = torch.nn.utils.clip_grad_norm_(b.parameters(), max_norm, norm_type)
+    assert math.isclose(float(ta), float(tb), rel_tol=1e-5)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=0)
+    p = torch.zeros(3, requires_grad=True)
+    p.grad = torch.tensor([1.0, float("nan"), 2.0])
+    with pytest.raises(RuntimeError, match="non-finite"):
+        ops.clip_grad_norm_([p], 1.0, error_if_nonfinite=True)
