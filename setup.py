@@ -11,6 +11,7 @@ import glob
 import os
 import shutil
 import subprocess
+import sys
 
 from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
 from setuptools import setup
@@ -39,6 +40,16 @@ def _nvcc():
     return next((c for c in candidates if c and os.path.exists(c)), None)
 
 
+def _cuda_lib_dir(nvcc):
+    """The toolkit's lib64 (nvcc may be a wrapper script outside the toolkit)."""
+    roots = [os.environ.get("CUDA_HOME", ""), os.environ.get("CUDA_PATH", ""),
+             os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"]
+    for r in roots:
+        if r and os.path.exists(os.path.join(r, "lib64", "libcudart_static.a")):
+            return os.path.join(r, "lib64")
+    return None
+
+
 class BuildExt(build_ext):
     """Compiles csrc/**/cuda/*.cu with nvcc (when found) and links them into _C."""
 
@@ -51,7 +62,11 @@ class BuildExt(build_ext):
             self.force = True
         nvcc = _nvcc()
         cu = sorted(glob.glob(os.path.join("csrc", "**", "cuda", "*.cu"), recursive=True))
-        if nvcc and cu:
+        libdir = _cuda_lib_dir(nvcc) if nvcc else None
+        if nvcc and not libdir:
+            print(f"warning: nvcc is {nvcc} but no libcudart_static.a was found (set CUDA_HOME); "
+                  "building without CUDA kernels", file=sys.stderr)
+        if nvcc and libdir and cu:
             archs = os.environ.get("DTRAIN_CUDA_ARCHS", "80;90").split(";")
             gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
             out = os.path.join(self.build_temp, "cuda")
@@ -63,9 +78,10 @@ class BuildExt(build_ext):
                 print(" ".join(cmd))
                 subprocess.check_call(cmd)
                 ext.extra_objects.append(obj)
-            cudart = os.path.join(os.path.dirname(os.path.dirname(nvcc)), "lib64")
-            ext.library_dirs.append(cudart)
-            ext.libraries.append("cudart")
+            # cudart linked statically: the extension then imports on machines without a CUDA
+            # runtime library, and only a CUDA call needs the driver.
+            ext.library_dirs.append(libdir)
+            ext.libraries += ["cudart_static", "dl", "rt"]
             ext.define_macros.append(("DTRAIN_WITH_CUDA", "1"))
         super().build_extension(ext)
 

@@ -6,6 +6,9 @@
 
 #include "common/error.h"
 #include "kernels/cpu/optim.h"
+#ifdef DTRAIN_WITH_CUDA
+#include "kernels/cuda/launch.h"
+#endif
 
 namespace py = pybind11;
 using namespace dtrain;
@@ -105,5 +108,53 @@ void bindKernels(py::module_& m) {
         },
         py::arg("x"), py::arg("numel"), py::arg("dtype"), py::arg("threads"),
         "(sum of squares in double, max |x|, any NaN) over all the tensors, in one pass each.");
+#ifdef DTRAIN_WITH_CUDA
+  m.attr("cuda_built") = true;
+  auto cudaCheck = [] {
+    const char* e = cuda::lastError();
+    DTRAIN_CHECK(e[0] == 0, kConfig, "a CUDA kernel launch failed: ", e);
+  };
+  m.def("adam_step_cuda",
+        [cudaCheck](const std::vector<std::vector<uintptr_t>>& slots, const std::vector<int64_t>& numel, DType dt,
+                    Decay decay, bool amsgrad, float gradScale, float beta1Comp, float beta2, float beta2Comp,
+                    float eps, float weightDecay, float decayFactor, float negStepSize, float bc2Sqrt,
+                    uintptr_t foundInf, uintptr_t stream) {
+          TensorLists t = lists(slots, numel, dt);
+          AdamArgs a{gradScale, beta1Comp, beta2, beta2Comp, eps, weightDecay, decayFactor, negStepSize, bc2Sqrt};
+          cuda::adamStep(t, decay, amsgrad, a, reinterpret_cast<const float*>(foundInf), stream);
+          cudaCheck();
+        },
+        "adam_step on CUDA tensors, launched on `stream`; found_inf: a device float pointer or 0.");
+  m.def("sgd_step_cuda",
+        [cudaCheck](const std::vector<std::vector<uintptr_t>>& slots, const std::vector<int64_t>& numel, DType dt,
+                    bool l2, Momentum momentum, bool nesterov, float gradScale, float weightDecay, float mom,
+                    float dampComp, float negLr, uintptr_t foundInf, uintptr_t stream) {
+          TensorLists t = lists(slots, numel, dt);
+          SgdArgs a{gradScale, weightDecay, mom, dampComp, negLr};
+          cuda::sgdStep(t, l2, momentum, nesterov, a, reinterpret_cast<const float*>(foundInf), stream);
+          cudaCheck();
+        },
+        "sgd_step on CUDA tensors, launched on `stream`; found_inf: a device float pointer or 0.");
+  m.def("pack_cuda",
+        [ptrs, cudaCheck](const std::vector<uintptr_t>& src, const std::vector<int64_t>& numel, DType srcType,
+                          uintptr_t flat, DType flatType, float scale, uintptr_t stream) {
+          std::vector<void*> p = ptrs(src);
+          cuda::pack(std::vector<const void*>(p.begin(), p.end()), numel, srcType, reinterpret_cast<void*>(flat),
+                     flatType, scale, stream);
+          cudaCheck();
+        },
+        "pack on CUDA tensors, launched on `stream`.");
+  m.def("unpack_cuda",
+        [ptrs, cudaCheck](uintptr_t flat, DType flatType, const std::vector<uintptr_t>& dst,
+                          const std::vector<int64_t>& numel, DType dstType, float scale, bool accumulate,
+                          uintptr_t stream) {
+          cuda::unpack(reinterpret_cast<const void*>(flat), flatType, ptrs(dst), numel, dstType, scale, accumulate,
+                       stream);
+          cudaCheck();
+        },
+        "unpack on CUDA tensors, launched on `stream`.");
+#else
+  m.attr("cuda_built") = false;
+#endif
   m.def("isa", &optimIsa, "The instruction set the CPU kernels run: avx512, avx2 or generic.");
 }

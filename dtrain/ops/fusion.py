@@ -39,8 +39,12 @@ def _check(tensors: Sequence[torch.Tensor], what: str) -> None:
             raise ConfigError(f"{what}: item {i} is a {type(t).__name__}, not a tensor")
         if t.dtype not in _FLOATS:
             raise ConfigError(f"{what}: tensor {i} is {t.dtype}; these kernels take float32, float16 and bfloat16")
-        if t.device.type != "cpu":
-            raise ConfigError(f"{what}: tensor {i} is on {t.device}; this build has CPU kernels only")
+        if t.device != tensors[0].device:
+            raise ConfigError(f"{what}: tensor {i} is on {t.device}, tensor 0 on {tensors[0].device}; one device per call")
+        if t.device.type == "cuda" and not _k().cuda_built:
+            raise ConfigError(f"{what}: tensor {i} is on {t.device}, but this dtrain was built without CUDA kernels")
+        if t.device.type not in ("cpu", "cuda"):
+            raise ConfigError(f"{what}: tensor {i} is on {t.device}; the kernels run on CPU and CUDA tensors")
 
 
 def _runs(tensors: Sequence[torch.Tensor]) -> List[Tuple[int, int]]:
@@ -66,17 +70,22 @@ def pack(tensors: Sequence[torch.Tensor], dtype: Optional[torch.dtype] = None, s
     if dtype not in _FLOATS:
         raise ConfigError(f"pack casts to float32, float16 or bfloat16, not {dtype}")
     total = sum(t.numel() for t in tensors)
+    device = tensors[0].device if tensors else torch.device("cpu")
     if out is None:
-        out = torch.empty(total, dtype=dtype)
-    elif out.dtype != dtype or out.numel() != total or not out.is_contiguous() or out.device.type != "cpu":
-        raise ConfigError(f"pack's out must be a contiguous CPU {dtype} tensor of {total} elements, got "
+        out = torch.empty(total, dtype=dtype, device=device)
+    elif out.dtype != dtype or out.numel() != total or not out.is_contiguous() or out.device != device:
+        raise ConfigError(f"pack's out must be a contiguous {dtype} tensor of {total} elements on {device}, got "
                           f"{out.dtype} with {out.numel()} on {out.device}")
     src = [t.contiguous() for t in tensors]  # a copy only for a non-contiguous tensor
     offset, esize = 0, out.element_size()
     for a, b in _runs(src):
         run = src[a:b]
-        _k().pack([t.data_ptr() for t in run], [t.numel() for t in run], _dt(run[0].dtype),
-                  out.data_ptr() + offset * esize, _dt(dtype), float(scale), _threads(threads))
+        args = ([t.data_ptr() for t in run], [t.numel() for t in run], _dt(run[0].dtype),
+                out.data_ptr() + offset * esize, _dt(dtype), float(scale))
+        if device.type == "cuda":
+            _k().pack_cuda(*args, torch.cuda.current_stream(device).cuda_stream)
+        else:
+            _k().pack(*args, _threads(threads))
         offset += sum(t.numel() for t in run)
     return out
 
@@ -100,8 +109,12 @@ def unpack(flat: torch.Tensor, tensors: Sequence[torch.Tensor], scale: float = 1
     offset, esize = 0, flat.element_size()
     for a, b in _runs(tensors):
         run = tensors[a:b]
-        _k().unpack(flat.data_ptr() + offset * esize, _dt(flat.dtype), [t.data_ptr() for t in run],
-                    [t.numel() for t in run], _dt(run[0].dtype), float(scale), bool(accumulate), _threads(threads))
+        args = (flat.data_ptr() + offset * esize, _dt(flat.dtype), [t.data_ptr() for t in run],
+                [t.numel() for t in run], _dt(run[0].dtype), float(scale), bool(accumulate))
+        if flat.device.type == "cuda":
+            _k().unpack_cuda(*args, torch.cuda.current_stream(flat.device).cuda_stream)
+        else:
+            _k().unpack(*args, _threads(threads))
         offset += sum(t.numel() for t in run)
 
 
@@ -112,7 +125,7 @@ def multi_tensor_norm(tensors: Sequence[torch.Tensor], norm_type: float = 2.0,
     tensors = [t.contiguous() for t in tensors]
     _check(tensors, "multi_tensor_norm")
     norm_type = float(norm_type)
-    if norm_type not in (2.0, math.inf):
+    if norm_type not in (2.0, math.inf) or (tensors and tensors[0].is_cuda):  # CUDA: torch's norms for now
         if not tensors:
             return torch.tensor(0.0)
         norms = torch.stack([torch.linalg.vector_norm(t.float(), norm_type) for t in tensors])

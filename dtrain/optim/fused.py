@@ -58,9 +58,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
             raise ConfigError(f"{type(self).__name__} updates float32, float16 and bfloat16 parameters; param group "
                               f"{group_index} holds a {p.dtype} parameter of shape {tuple(p.shape)}. Use torch.optim "
                               f"for it (a separate optimizer), or convert the model")
-        if p.device.type != "cpu":
-            raise ConfigError(f"{type(self).__name__} runs its CPU kernel here; a parameter is on {p.device}, and this "
-                              "build has no CUDA kernels. Use torch.optim.Adam(fused=True) on the GPU")
+        if p.device.type == "cuda" and not _kernels().cuda_built:
+            raise ConfigError(f"a parameter is on {p.device}, but this dtrain was built without CUDA kernels (no nvcc "
+                              "at build time); rebuild with the CUDA toolkit installed, or use "
+                              "torch.optim.Adam(fused=True) on the GPU")
+        if p.device.type not in ("cpu", "cuda"):
+            raise ConfigError(f"{type(self).__name__} runs on CPU and CUDA tensors, not {p.device}")
         if not p.is_contiguous():
             raise ConfigError(f"{type(self).__name__} needs contiguous parameters; one of shape {tuple(p.shape)} "
                               f"(strides {p.stride()}) is not. Make it contiguous before building the optimizer")
@@ -99,8 +102,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
         grads = [self._grads(b) for b in calls]
         # One kernel call checks its grads itself before updating; with several, all are
         # checked first so that a skipped step leaves every parameter alone.
-        check = self.check_finite and len(calls) == 1
-        if self.check_finite and len(calls) > 1:
+        check = self.check_finite and len(calls) == 1 and calls[0].key[0].type == "cpu"
+        if self.check_finite and not check:
             if any(not torch.isfinite(g).all() for gs in grads for g in gs):
                 self.skipped_steps += 1
                 return loss
@@ -120,7 +123,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             st = self.state[p]
             if not st:
                 self._init_state(p, st, group)
-            by_key.setdefault(self._key(p, st), []).append(p)
+            by_key.setdefault((p.device,) + self._key(p, st), []).append(p)
         batches = []
         for key, params in by_key.items():
             names = self._state_names(group, key)
@@ -232,8 +235,8 @@ class FusedAdam(_FusedOptimizer):
     def _adopt(self, b):
         # The batch's step counters become 0-d views of one buffer: one add per step counts
         # them all, and each parameter's state still holds its own "step" tensor, as torch's.
-        b.step = b.key[1]
-        b.steps = torch.full((len(b.params),), float(b.step), dtype=torch.float32)
+        b.step = b.key[2]
+        b.steps = torch.full((len(b.params),), float(b.step), dtype=torch.float32)  # on the CPU, as torch keeps them
         for i, p in enumerate(b.params):
             self.state[p]["step"] = b.steps[i]
 
@@ -250,9 +253,14 @@ class FusedAdam(_FusedOptimizer):
         # The scalars as torch computes them (Python floats, double precision).
         bias1 = 1 - beta1 ** step
         bias2 = 1 - beta2 ** step
-        found = k.adam_step(b.slots(grad_ptrs), b.numel, b.dtype, decay, bool(group["amsgrad"]),
-                            -inv_scale if group["maximize"] else inv_scale, 1 - beta1, beta2, 1 - beta2, eps, wd,
-                            1 - lr * wd, -(lr / bias1), math.sqrt(bias2), check, threads)
+        args = (b.slots(grad_ptrs), b.numel, b.dtype, decay, bool(group["amsgrad"]),
+                -inv_scale if group["maximize"] else inv_scale, 1 - beta1, beta2, 1 - beta2, eps, wd, 1 - lr * wd,
+                -(lr / bias1), math.sqrt(bias2))
+        if b.key[0].type == "cuda":  # launched on torch's current stream; found_inf was read above
+            k.adam_step_cuda(*args, 0, torch.cuda.current_stream(b.key[0]).cuda_stream)
+            found = False
+        else:
+            found = k.adam_step(*args, check, threads)
         if not found:
             b.step = step
             b.steps.add_(1.0)
@@ -299,12 +307,12 @@ class FusedSGD(_FusedOptimizer):
         return (p.dtype, st.get("momentum_buffer") is None)
 
     def _state_names(self, group, key):
-        return [] if group["momentum"] == 0 or key[1] else ["momentum_buffer"]
+        return [] if group["momentum"] == 0 or key[2] else ["momentum_buffer"]
 
     def _update(self, b, grad_ptrs, inv_scale, threads, check):
         k = _kernels()
         group = b.group
-        mom, first = group["momentum"], b.key[1]
+        mom, first = group["momentum"], b.key[2]
         slots = b.slots(grad_ptrs)
         if mom == 0:
             mode = k.Momentum.none
@@ -315,9 +323,13 @@ class FusedSGD(_FusedOptimizer):
         else:
             mode = k.Momentum.later
         wd = group["weight_decay"]
-        found = k.sgd_step(slots, b.numel, b.dtype, wd != 0, mode, bool(group["nesterov"]),
-                           -inv_scale if group["maximize"] else inv_scale, wd, mom, 1 - group["dampening"],
-                           -group["lr"], check, threads)
+        args = (slots, b.numel, b.dtype, wd != 0, mode, bool(group["nesterov"]),
+                -inv_scale if group["maximize"] else inv_scale, wd, mom, 1 - group["dampening"], -group["lr"])
+        if b.key[0].type == "cuda":
+            k.sgd_step_cuda(*args, 0, torch.cuda.current_stream(b.key[0]).cuda_stream)
+            found = False
+        else:
+            found = k.sgd_step(*args, check, threads)
         if mode == k.Momentum.first and not found:
             for p, t in zip(b.params, bufs):
                 self.state[p]["momentum_buffer"] = t
