@@ -100,7 +100,13 @@ _check_zlib()
 debug = _flag("DTRAIN_DEBUG")
 compile_args = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
 # -fno-math-errno: sqrt must not set errno, or no loop calling it vectorises (nothing reads errno).
-compile_args += ["-fvisibility=hidden", "-Wall", "-Wno-unused-function", "-fno-math-errno"]
+# -fno-trapping-math: a float compare may then run unconditionally, so loops with a select
+# (clamps, sign flips) vectorise; nothing here enables floating-point traps. Neither flag
+# lets the compiler reorder arithmetic.
+# -fopenmp-simd: `#pragma omp simd reduction` marks the few loops whose sums may be split
+# into vector lanes (no OpenMP runtime is linked).
+compile_args += ["-fvisibility=hidden", "-Wall", "-Wno-unused-function", "-fno-math-errno", "-fno-trapping-math",
+                 "-fopenmp-simd"]
 link_args = ["-pthread"]
 if _flag("DTRAIN_SANITIZE"):
     compile_args += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]

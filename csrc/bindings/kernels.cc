@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include "common/error.h"
+#include "kernels/cpu/nn.h"
 #include "kernels/cpu/optim.h"
 #ifdef DTRAIN_WITH_CUDA
 #include "kernels/cuda/launch.h"
@@ -108,6 +109,40 @@ void bindKernels(py::module_& m) {
         },
         py::arg("x"), py::arg("numel"), py::arg("dtype"), py::arg("threads"),
         "(sum of squares in double, max |x|, any NaN) over all the tensors, in one pass each.");
+  auto P = [](uintptr_t p) { return reinterpret_cast<void*>(p); };
+  m.def("gelu_forward",
+        [P](DType dt, uintptr_t x, uintptr_t b, uintptr_t y, int64_t rows, int64_t n, int threads) {
+          py::gil_scoped_release nogil;
+          geluForward(dt, P(x), P(b), P(y), rows, n, threads);
+        },
+        py::arg("dtype"), py::arg("x"), py::arg("bias"), py::arg("y"), py::arg("rows"), py::arg("n"),
+        py::arg("threads"), "y = gelu(x + bias) over [rows, n] (exact GELU, erf form).");
+  m.def("gelu_backward",
+        [P](DType dt, uintptr_t dy, uintptr_t x, uintptr_t b, uintptr_t dx, uintptr_t db, int64_t rows, int64_t n,
+            int threads) {
+          py::gil_scoped_release nogil;
+          geluBackward(dt, P(dy), P(x), P(b), P(dx), P(db), rows, n, threads);
+        },
+        py::arg("dtype"), py::arg("dy"), py::arg("x"), py::arg("bias"), py::arg("dx"), py::arg("dbias"),
+        py::arg("rows"), py::arg("n"), py::arg("threads"), "dx = dy * gelu'(x + bias) and dbias = its column sums.");
+  m.def("layer_norm_forward",
+        [P](DType dt, uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t y, uintptr_t mean, uintptr_t rstd, int64_t rows,
+            int64_t n, double eps, int threads) {
+          py::gil_scoped_release nogil;
+          layerNormForward(dt, P(x), P(w), P(b), P(y), P(mean), P(rstd), rows, n, eps, threads);
+        },
+        py::arg("dtype"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("y"), py::arg("mean"),
+        py::arg("rstd"), py::arg("rows"), py::arg("n"), py::arg("eps"), py::arg("threads"),
+        "LayerNorm over the last n elements of each row; weight/bias may be 0 (absent).");
+  m.def("layer_norm_backward",
+        [P](DType dt, uintptr_t dy, uintptr_t x, uintptr_t w, uintptr_t mean, uintptr_t rstd, uintptr_t dx,
+            uintptr_t dw, uintptr_t db, int64_t rows, int64_t n, int threads) {
+          py::gil_scoped_release nogil;
+          layerNormBackward(dt, P(dy), P(x), P(w), P(mean), P(rstd), P(dx), P(dw), P(db), rows, n, threads);
+        },
+        py::arg("dtype"), py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("mean"), py::arg("rstd"),
+        py::arg("dx"), py::arg("dweight"), py::arg("dbias"), py::arg("rows"), py::arg("n"), py::arg("threads"),
+        "LayerNorm's backward: dx, and dweight/dbias when their pointers are not 0.");
 #ifdef DTRAIN_WITH_CUDA
   m.attr("cuda_built") = true;
   auto cudaCheck = [] {

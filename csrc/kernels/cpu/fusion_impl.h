@@ -160,4 +160,6 @@ NormPart norm(DType dt, const void* x, int64_t n) {
   }
 }
 
-CpuTable table(const char* name) { return CpuTable{name, &adam, &sgd, &finite, &convert, &norm}; }
+CpuTable table(const char* name) {
+  return CpuTable{name, &adam, &sgd, &finite, &convert, &norm, &geluFwd, &geluBwd, &lnFwd, &lnBwd};
+}

@@ -97,6 +97,8 @@ bool allFinite(const TensorLists& t, const std::vector<Piece>& ps, int threads) 
 
 const char* optimIsa() { return table().name; }
 
+const CpuTable& cpuTable() { return table(); }
+
 bool adamStep(const TensorLists& t, Decay decay, bool amsgrad, const AdamArgs& a, bool checkFinite, int threads) {
   check(t, amsgrad ? 5 : 4);
   const std::vector<Piece> ps = pieces(t);

@@ -57,7 +57,18 @@ struct CpuTable {
   bool (*finite)(DType, const void* grad, int64_t begin, int64_t end);
   void (*convert)(DType dstType, void* dst, DType srcType, const void* src, int64_t n, float scale, bool add);
   NormPart (*norm)(DType, const void* x, int64_t n);
+  // Rows [r0, r1) of `n` elements each (float32 or float64); see nn.h.
+  void (*geluFwd)(DType, const void* x, const void* b, void* y, int64_t r0, int64_t r1, int64_t n);
+  void (*geluBwd)(DType, const void* dy, const void* x, const void* b, void* dx, double* db, int64_t r0, int64_t r1,
+                  int64_t n, void* scratch);
+  void (*lnFwd)(DType, const void* x, const void* w, const void* b, void* y, void* mean, void* rstd, int64_t r0,
+                int64_t r1, int64_t n, double eps);
+  void (*lnBwd)(DType, const void* dy, const void* x, const void* w, const void* mean, const void* rstd, void* dx,
+                double* dw, double* db, int64_t r0, int64_t r1, int64_t n, void* scratch);
 };
+
+// The table for this CPU (or the one DTRAIN_ISA names).
+const CpuTable& cpuTable();
 
 }  // namespace kernels
 }  // namespace dtrain

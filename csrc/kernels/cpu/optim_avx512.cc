@@ -15,6 +15,7 @@ namespace dtrain {
 namespace kernels {
 namespace isa_avx512 {
 #include "kernels/cpu/optim_impl.h"
+#include "kernels/cpu/nn_impl.h"
 #include "kernels/cpu/fusion_impl.h"
 }  // namespace isa_avx512
 

@@ -12,6 +12,7 @@ namespace dtrain {
 namespace kernels {
 namespace isa_generic {
 #include "kernels/cpu/optim_impl.h"
+#include "kernels/cpu/nn_impl.h"
 #include "kernels/cpu/fusion_impl.h"
 }  // namespace isa_generic
 

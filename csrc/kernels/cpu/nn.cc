@@ -1,0 +1,103 @@
+#include "kernels/cpu/nn.h"
+
+#include <algorithm>
+#include <thread>
+#include <vector>
+
+#include "common/error.h"
+#include "kernels/cpu/optim.h"
+
+namespace dtrain {
+namespace kernels {
+
+namespace {
+
+void checkArgs(DType dt, int64_t rows, int64_t n) {
+  DTRAIN_CHECK(dt == DType::kFloat32 || dt == DType::kFloat64, kConfig,
+               "fused GELU/LayerNorm kernels take float32 or float64, not ", dtypeName(dt));
+  DTRAIN_CHECK(rows >= 0 && n >= 0, kConfig, "negative shape: ", rows, " rows of ", n);
+}
+
+// f(thread, r0, r1) over contiguous row ranges, one per thread (thread 0 is this one).
+template <class F>
+void byRows(int64_t rows, int64_t n, int threads, F f) {
+  // Not worth a thread below ~64K elements.
+  const int64_t want = std::max<int64_t>(1, rows * std::max<int64_t>(n, 1) / (int64_t(1) << 16));
+  const int t = static_cast<int>(std::min<int64_t>({static_cast<int64_t>(std::max(threads, 1)), want, std::max<int64_t>(rows, 1)}));
+  if (t <= 1) {
+    f(0, 0, rows);
+    return;
+  }
+  std::vector<std::thread> pool;
+  for (int k = 1; k < t; ++k) pool.emplace_back([&, k] { f(k, rows * k / t, rows * (k + 1) / t); });
+  f(0, 0, rows / t);
+  for (auto& th : pool) th.join();
+}
+
+size_t elem(DType dt) { return dt == DType::kFloat64 ? 8 : 4; }
+
+// Sums per-thread column sums (in thread order) and stores them in the output type.
+void reduceColumns(DType dt, const std::vector<std::vector<double>>& parts, int64_t n, void* out) {
+  for (int64_t c = 0; c < n; ++c) {
+    double s = 0;
+    for (const auto& p : parts)
+      if (!p.empty()) s += p[c];
+    if (dt == DType::kFloat64)
+      static_cast<double*>(out)[c] = s;
+    else
+      static_cast<float*>(out)[c] = static_cast<float>(s);
+  }
+}
+
+}  // namespace
+
+void geluForward(DType dt, const void* x, const void* bias, void* y, int64_t rows, int64_t n, int threads) {
+  checkArgs(dt, rows, n);
+  const CpuTable& k = cpuTable();
+  byRows(rows, n, threads, [&](int, int64_t r0, int64_t r1) { k.geluFwd(dt, x, bias, y, r0, r1, n); });
+}
+
+void geluBackward(DType dt, const void* dy, const void* x, const void* bias, void* dx, void* dbias, int64_t rows,
+                  int64_t n, int threads) {
+  checkArgs(dt, rows, n);
+  const CpuTable& k = cpuTable();
+  std::vector<std::vector<double>> parts(std::max(threads, 1));
+  byRows(rows, n, threads, [&](int t, int64_t r0, int64_t r1) {
+    parts[t].assign(n, 0.0);
+    std::vector<uint8_t> scratch(n * elem(dt));
+    constexpr int64_t kBlock = 64;  // rows summed in the element type before joining the doubles
+    for (int64_t r = r0; r < r1; r += kBlock)
+      k.geluBwd(dt, dy, x, bias, dx, parts[t].data(), r, std::min(r1, r + kBlock), n, scratch.data());
+  });
+  reduceColumns(dt, parts, n, dbias);
+}
+
+void layerNormForward(DType dt, const void* x, const void* weight, const void* bias, void* y, void* mean, void* rstd,
+                      int64_t rows, int64_t n, double eps, int threads) {
+  checkArgs(dt, rows, n);
+  DTRAIN_CHECK(n > 0 || rows == 0, kConfig, "LayerNorm over 0 elements per row is undefined");
+  const CpuTable& k = cpuTable();
+  byRows(rows, n, threads, [&](int, int64_t r0, int64_t r1) { k.lnFwd(dt, x, weight, bias, y, mean, rstd, r0, r1, n, eps); });
+}
+
+void layerNormBackward(DType dt, const void* dy, const void* x, const void* weight, const void* mean,
+                       const void* rstd, void* dx, void* dweight, void* dbias, int64_t rows, int64_t n, int threads) {
+  checkArgs(dt, rows, n);
+  const CpuTable& k = cpuTable();
+  const int slots = std::max(threads, 1);
+  std::vector<std::vector<double>> pw(slots), pb(slots);
+  byRows(rows, n, threads, [&](int t, int64_t r0, int64_t r1) {
+    pw[t].assign(n, 0.0);
+    pb[t].assign(n, 0.0);
+    std::vector<uint8_t> scratch(3 * n * elem(dt));
+    constexpr int64_t kBlock = 64;
+    for (int64_t r = r0; r < r1; r += kBlock)
+      k.lnBwd(dt, dy, x, weight, mean, rstd, dx, pw[t].data(), pb[t].data(), r, std::min(r1, r + kBlock), n,
+              scratch.data());
+  });
+  if (dweight) reduceColumns(dt, pw, n, dweight);
+  if (dbias) reduceColumns(dt, pb, n, dbias);
+}
+
+}  // namespace kernels
+}  // namespace dtrain
