@@ -1,4 +1,5 @@
-"""Fused optimizer steps against torch's, in one run on one machine.
+"""Fused optimizer steps, tensor fusion and fused bias+GELU / LayerNorm against torch's,
+in one run on one machine.
 
     python benchmarks/fused_ops.py                     # 1M, 10M, 100M parameters; 1 and 2 threads
     python benchmarks/fused_ops.py --quick --out bench-out
@@ -97,6 +98,26 @@ def fusion_cases(total):
     ]
 
 
+def nn_cases():
+    """(name, dtrain fwd+bwd, torch eager fwd+bwd) on a transformer-sized activation."""
+    import torch.nn.functional as F
+
+    from dtrain import ops
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 1024, generator=g).requires_grad_()
+    b = torch.randn(1024, generator=g).requires_grad_()
+    w = torch.randn(1024, generator=g).requires_grad_()
+    dy = torch.randn(4096, 1024, generator=g)
+
+    def step(fn):
+        def run():
+            x.grad = b.grad = w.grad = None
+            fn().backward(dy)
+        return run
+    return [("bias+GELU", step(lambda: ops.fused_bias_gelu(x, b)), step(lambda: F.gelu(x + b))),
+            ("LayerNorm", step(lambda: ops.fused_layer_norm(x, w, b)), step(lambda: F.layer_norm(x, (1024,), w, b)))]
+
+
 def time_fn(fn, trials):
     fn()
     times = []
@@ -174,6 +195,16 @@ def main():
                 fusion[f"{name}|{s}|{th}"] = {"dtrain_ms": a * 1e3, "torch_ms": b * 1e3}
                 lines.append(f"| {s / 1e6:g}M | {th} | {name} | {a * 1e3:.2f} | {b * 1e3:.2f} | {b / a:.2f}x |")
     results["fusion"] = fusion
+    lines += ["", "## bias+GELU and LayerNorm, forward + backward, [4096, 1024] float32", "",
+              "| threads | op | dtrain ms | torch eager ms | speed-up | target |", "|---:|---|---:|---:|---:|---:|"]
+    nn = {}
+    for th in threads_list:
+        torch.set_num_threads(th)
+        for name, mine, theirs in nn_cases():
+            a, b = time_fn(mine, 21), time_fn(theirs, 21)
+            nn[f"{name}|{th}"] = {"dtrain_ms": a * 1e3, "torch_ms": b * 1e3}
+            lines.append(f"| {th} | {name} | {a * 1e3:.2f} | {b * 1e3:.2f} | {b / a:.2f}x | 1.3x |")
+    results["nn"] = nn
     md = "\n".join(lines) + "\n"
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "fused_ops.md"), "w") as f:
