@@ -108,7 +108,7 @@ class _Reducer:
         self.inplace_reductions = 0  # solo buckets reduced in .grad itself (no bucket copy)
         self._order: List[int] = []
         self._ready = [False] * len(params)
-        self._used = torch.zeros(len(params), dtype=torch.uint8)
+        self._used = bytearray(len(params))  # 1: a gradient came this step (a tensor write per hook costs ~10 us)
         self._build(list(reversed(range(len(params)))))
         self._handles = []
         me = weakref.ref(self)
@@ -182,7 +182,7 @@ class _Reducer:
         """A new reduction: nothing ready, nothing launched."""
         self.state = "running"
         self._ready = [False] * len(self.params)
-        self._used.zero_()
+        self._used = bytearray(len(self.params))
         for b in self.buckets:
             b.pending = len(b.params)
             b.work = None
@@ -250,7 +250,7 @@ class _Reducer:
                 self._ready[i] = True
                 b.pending -= 1
         self._launch_ready()
-        used = self._used.clone()
+        used = torch.tensor(list(self._used), dtype=torch.uint8)
         used_work = dtrain.allreduce(used, op="max", group=self.group, async_op=True)
         for b in self.buckets:
             b.work.wait()
