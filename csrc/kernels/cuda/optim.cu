@@ -37,18 +37,30 @@ __device__ __forceinline__ void st(float* p, int64_t i, float v) { p[i] = v; }
 __device__ __forceinline__ void st(__half* p, int64_t i, float v) { p[i] = __float2half_rn(v); }
 __device__ __forceinline__ void st(__nv_bfloat16* p, int64_t i, float v) { p[i] = __float2bfloat16_rn(v); }
 
+// This block's tensor and element range; false when GradScaler found inf/NaN (skip all).
+struct Span {
+  int t;
+  int64_t begin, end;
+};
+__device__ __forceinline__ bool blockSpan(const Launch& L, const float* foundInf, Span& s) {
+  if (foundInf && *foundInf != 0.f) return false;
+  s.t = L.blockTensor[blockIdx.x];
+  s.begin = int64_t(L.blockChunk[blockIdx.x]) * kChunk;
+  s.end = min(L.numel[s.t], s.begin + kChunk);
+  return true;
+}
+
 template <class T, Decay kDecay, bool kAms>
 __global__ void adamKernel(Launch L, AdamArgs a, const float* foundInf) {
-  if (foundInf && *foundInf != 0.f) return;
-  const int t = L.blockTensor[blockIdx.x];
-  const int64_t begin = int64_t(L.blockChunk[blockIdx.x]) * kChunk;
-  const int64_t end = min(L.numel[t], begin + kChunk);
+  Span sp;
+  if (!blockSpan(L, foundInf, sp)) return;
+  const int t = sp.t;
   T* p = static_cast<T*>(L.slot[kParam][t]);
   const T* g = static_cast<const T*>(L.slot[kGrad][t]);
   T* m = static_cast<T*>(L.slot[kExpAvg][t]);
   T* v = static_cast<T*>(L.slot[kExpAvgSq][t]);
   T* vm = static_cast<T*>(L.slot[kMaxExpAvgSq][t]);
-  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+  for (int64_t i = sp.begin + threadIdx.x; i < sp.end; i += blockDim.x) {
     float pf = ld(p, i), mf = ld(m, i), vf = ld(v, i), vmf = kAms ? ld(vm, i) : 0.f;
     adamMath<kDecay, kAms>(pf, ld(g, i), mf, vf, vmf, a);
     st(p, i, pf);
@@ -60,14 +72,13 @@ __global__ void adamKernel(Launch L, AdamArgs a, const float* foundInf) {
 
 template <class T, bool kL2, Momentum kMom, bool kNesterov>
 __global__ void sgdKernel(Launch L, SgdArgs a, const float* foundInf) {
-  if (foundInf && *foundInf != 0.f) return;
-  const int t = L.blockTensor[blockIdx.x];
-  const int64_t begin = int64_t(L.blockChunk[blockIdx.x]) * kChunk;
-  const int64_t end = min(L.numel[t], begin + kChunk);
+  Span sp;
+  if (!blockSpan(L, foundInf, sp)) return;
+  const int t = sp.t;
   T* p = static_cast<T*>(L.slot[kParam][t]);
   const T* g = static_cast<const T*>(L.slot[kGrad][t]);
   T* buf = static_cast<T*>(L.slot[kMomentumBuf][t]);
-  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+  for (int64_t i = sp.begin + threadIdx.x; i < sp.end; i += blockDim.x) {
     float pf = ld(p, i), bf = kMom == Momentum::kLater ? ld(buf, i) : 0.f;
     sgdMath<kL2, kMom, kNesterov>(pf, ld(g, i), bf, a);
     st(p, i, pf);
