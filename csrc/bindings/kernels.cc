@@ -46,7 +46,6 @@ void bindKernels(py::module_& m) {
            float decayFactor, float negStepSize, float bc2Sqrt, bool checkFinite, int threads) {
           TensorLists t = lists(slots, numel, dt);
           AdamArgs a{gradScale, beta1Comp, beta2, beta2Comp, eps, weightDecay, decayFactor, negStepSize, bc2Sqrt};
-          a.finish();
           py::gil_scoped_release nogil;
           return adamStep(t, decay, amsgrad, a, checkFinite, threads);
         },
@@ -157,7 +156,6 @@ void bindKernels(py::module_& m) {
                     uintptr_t foundInf, uintptr_t stream) {
           TensorLists t = lists(slots, numel, dt);
           AdamArgs a{gradScale, beta1Comp, beta2, beta2Comp, eps, weightDecay, decayFactor, negStepSize, bc2Sqrt};
-          a.finish();
           cuda::adamStep(t, decay, amsgrad, a, reinterpret_cast<const float*>(foundInf), stream);
           cudaCheck();
         },

@@ -30,10 +30,6 @@ struct AdamArgs {
   float decayFactor = 1.f;  // 1 - lr * weight_decay (Decay::kDecoupled)
   float negStepSize = 0.f;  // -lr / (1 - beta1^step)
   float bc2Sqrt = 1.f;      // sqrt(1 - beta2^step)
-  float invBc2Sqrt = 1.f;   // 1 / bc2Sqrt (set by finish())
-
-  // Derived values; call once after setting the fields.
-  DTRAIN_HD void finish() { invBc2Sqrt = 1.f / bc2Sqrt; }
 };
 
 template <Decay kDecay, bool kAmsgrad>
@@ -48,10 +44,7 @@ DTRAIN_HD void adamMath(float& p, float g, float& m, float& v, float& vmax, cons
     vmax = (vmax >= v || vmax != vmax) ? vmax : v;        // torch.maximum (NaN wins)
     second = vmax;
   }
-  // (v.sqrt() / bc2_sqrt).add_(eps), with the division by a constant as a multiplication
-  // (within an ulp of it): a divide and a square root per element would bound the kernel
-  // by the divider rather than by memory.
-  const float denom = sqrtf(second) * a.invBc2Sqrt + a.eps;
+  const float denom = sqrtf(second) / a.bc2Sqrt + a.eps;  // (v.sqrt() / bc2_sqrt).add_(eps)
   p += a.negStepSize * (m / denom);                       // param.addcdiv_(exp_avg, denom, -step_size)
 }
 

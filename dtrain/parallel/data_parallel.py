@@ -40,6 +40,7 @@ from typing import Dict, List, Optional
 import torch
 
 import dtrain
+from dtrain import ops
 from dtrain.comm.group import resolve
 from dtrain.errors import ConfigError
 from dtrain.parallel import checkpoint
@@ -48,6 +49,9 @@ from dtrain.parallel.strategy import Strategy
 _SUM_TARGET = 2.0 ** 13  # where an fp16 bucket's largest reduced value is put
 _UNDERFLOW = 1.0  # a scaled result whose largest value is below this lost bits to fp16's subnormals
 _WIRE = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+_FUSABLE = (torch.float32, torch.float16, torch.bfloat16)  # dtypes dtrain.ops.unpack takes
 
 
 class _Bucket:
@@ -261,6 +265,8 @@ class _Reducer:
                 b.inplace = None  # reduced (and averaged) in .grad itself
                 continue
             factor = self._unscale(b)
+            if self._unpack_all(b, used, factor):
+                continue
             for j, i in enumerate(b.params):
                 if not used[i]:
                     continue  # no rank produced a gradient: leave .grad as the optimizer expects (None)
@@ -277,6 +283,29 @@ class _Reducer:
         self.state = "done"
         if not self.rebuilt:
             self._rebuild()
+
+    def _unpack_all(self, b: _Bucket, used: List[int], factor: float) -> bool:
+        """The whole bucket back into its gradients in one fused pass (cast-free unpack with
+        the scale), when every parameter got one and all are plain CPU float tensors.
+        Returns False to leave it to the per-parameter copy."""
+        if b.dtype not in _FUSABLE:
+            return False
+        grads = []
+        for i in b.params:
+            p = self.params[i]
+            if not used[i] or p.device.type != "cpu":
+                return False
+            g = p.grad
+            if g is None:
+                g = torch.empty_like(p, memory_format=torch.contiguous_format)
+            elif g.dtype != b.dtype or not g.is_contiguous() or g.shape != p.shape:
+                return False
+            grads.append(g)
+        ops.unpack(b.buf, grads, scale=factor)
+        for i, g in zip(b.params, grads):
+            if self.params[i].grad is None:
+                self.params[i].grad = g
+        return True
 
     def _unscale(self, b: _Bucket) -> float:
         """Checks an fp16 result (redoing it in float32 if it over- or underflowed) and returns

@@ -4,8 +4,9 @@ Bound: float32 parameters agree with torch's to 4 ulps (of the larger value, or 
 where both are smaller: see ulps()) after one step and 32 ulps after 20 (the kernels may
 fuse a multiply and an add into one rounding where torch rounds twice, and those
 differences feed the moments). Where an update cancels, one rounding moves the result
-further in both; there dtrain must be at most twice as far from the float64 update as
-torch is, plus the bound. A 1% change of the learning rate breaks the bound (checked).
+further in both; there each element must be within the bound or within 1e-3 of a
+learning rate per step of the float64 update, which torch's result must pass too. A 1%
+change of the learning rate breaks the bound (checked).
 Half-precision parameters, whose update the kernels compute in float32, agree with
 torch's float32 update rounded to their type to 1 ulp of that type after one step.
 """
@@ -81,15 +82,21 @@ def test_float32_matches_torch(cfg, shapes):
         worst = max(ulps(a.detach(), b.detach()) for a, b in zip(mine, theirs))
         if worst > bound:
             # Where an update cancels (weight decay against the grad, a grad near eps), one
-            # rounding more or less (a fused multiply-add) moves the result by more than a
-            # few ulps, in torch as in dtrain. Then dtrain must be as close to the exact
-            # (float64) update as torch is.
+            # rounding more or less (a fused multiply-add) moves the result by more than a few
+            # ulps, in torch as in dtrain (seen: 15.6 and 5.6 ulps from the float64 update where
+            # the L2 term cancels the grad to ~1e-6 and eps = 1e-6 sets the step). There each
+            # element must be within the bound, or within 1e-3 of a learning rate per step, of
+            # the float64 update; torch's own result must pass the same test.
             exact, _ = run(ref, kw, SHAPES[shapes], steps, seed, dtype=torch.float64)
-            err_mine = max(ulps(a.detach().double(), e.detach()) for a, e in zip(mine, exact))
-            err_torch = max(ulps(b.detach().double(), e.detach()) for b, e in zip(theirs, exact))
-            assert err_mine <= 2 * err_torch + bound, (
-                f"{worst} ulps from torch after {steps} steps; from the exact update {err_mine} (torch {err_torch}); "
-                f"seed {seed}")
+            slack = 1e-3 * kw["lr"] * steps
+            for name, got in (("dtrain", mine), ("torch", theirs)):
+                for a, e in zip(got, exact):
+                    a64, e64 = a.detach().double(), e.detach()
+                    scale = torch.maximum(a64.abs(), e64.abs()).clamp_min(0.5)
+                    tol = torch.clamp(bound * torch.pow(2.0, torch.floor(torch.log2(scale)) - 23), min=slack)
+                    assert ((a64 - e64).abs() <= tol).all(), (
+                        f"{name} is {float((a64 - e64).abs().max())} from the float64 update after {steps} steps "
+                        f"(dtrain and torch {worst} ulps apart); seed {seed}")
     # The bound has teeth: a 1% different learning rate is far outside it.
     off = dict(kw, lr=kw["lr"] * 1.01)
     wrong, _ = run(fused, off, SHAPES["odd"], 1, seed)
