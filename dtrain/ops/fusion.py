@@ -34,25 +34,37 @@ def _threads(threads: Optional[int]) -> int:
 
 
 def _check(tensors: Sequence[torch.Tensor], what: str) -> None:
+    """Float tensors on one device the kernels run on. (Kept cheap: it runs per call, per
+    tensor, and torch.device objects are built anew on each .device access.)"""
+    if not tensors:
+        return
+    first = tensors[0]
+    cpu = isinstance(first, torch.Tensor) and first.is_cpu
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
             raise ConfigError(f"{what}: item {i} is a {type(t).__name__}, not a tensor")
         if t.dtype not in _FLOATS:
             raise ConfigError(f"{what}: tensor {i} is {t.dtype}; these kernels take float32, float16 and bfloat16")
-        if t.device != tensors[0].device:
-            raise ConfigError(f"{what}: tensor {i} is on {t.device}, tensor 0 on {tensors[0].device}; one device per call")
-        if t.device.type == "cuda" and not _k().cuda_built:
-            raise ConfigError(f"{what}: tensor {i} is on {t.device}, but this dtrain was built without CUDA kernels")
-        if t.device.type not in ("cpu", "cuda"):
-            raise ConfigError(f"{what}: tensor {i} is on {t.device}; the kernels run on CPU and CUDA tensors")
+        if t.is_cpu != cpu or (not cpu and t.device != first.device):
+            raise ConfigError(f"{what}: tensor {i} is on {t.device}, tensor 0 on {first.device}; one device per call")
+    if not cpu:
+        if first.device.type != "cuda":
+            raise ConfigError(f"{what}: tensors are on {first.device}; the kernels run on CPU and CUDA tensors")
+        if not _k().cuda_built:
+            raise ConfigError(f"{what}: tensors are on {first.device}, but this dtrain was built without CUDA kernels")
 
 
-def _runs(tensors: Sequence[torch.Tensor]) -> List[Tuple[int, int]]:
-    """[start, end) index ranges of consecutive tensors sharing a dtype (one kernel call each)."""
+def _runs(tensors: Sequence[torch.Tensor]) -> List[Sequence[torch.Tensor]]:
+    """Runs of consecutive tensors sharing a dtype (one kernel call each)."""
+    if not tensors:
+        return []
+    dt = tensors[0].dtype
+    if all(t.dtype == dt for t in tensors):
+        return [tensors]
     out, start = [], 0
     for i in range(1, len(tensors) + 1):
         if i == len(tensors) or tensors[i].dtype != tensors[start].dtype:
-            out.append((start, i))
+            out.append(tensors[start:i])
             start = i
     return out
 
@@ -76,17 +88,22 @@ def pack(tensors: Sequence[torch.Tensor], dtype: Optional[torch.dtype] = None, s
     elif out.dtype != dtype or out.numel() != total or not out.is_contiguous() or out.device != device:
         raise ConfigError(f"pack's out must be a contiguous {dtype} tensor of {total} elements on {device}, got "
                           f"{out.dtype} with {out.numel()} on {out.device}")
-    src = [t.contiguous() for t in tensors]  # a copy only for a non-contiguous tensor
+    keep = []  # contiguous copies of non-contiguous inputs, alive until the kernel ran
     offset, esize = 0, out.element_size()
-    for a, b in _runs(src):
-        run = src[a:b]
-        args = ([t.data_ptr() for t in run], [t.numel() for t in run], _dt(run[0].dtype),
-                out.data_ptr() + offset * esize, _dt(dtype), float(scale))
+    for run in _runs(tensors):
+        ptrs, sizes = [], []
+        for t in run:
+            if not t.is_contiguous():
+                t = t.contiguous()
+                keep.append(t)
+            ptrs.append(t.data_ptr())
+            sizes.append(t.numel())
+        args = (ptrs, sizes, _dt(run[0].dtype), out.data_ptr() + offset * esize, _dt(dtype), float(scale))
         if device.type == "cuda":
             _k().pack_cuda(*args, torch.cuda.current_stream(device).cuda_stream)
         else:
             _k().pack(*args, _threads(threads))
-        offset += sum(t.numel() for t in run)
+        offset += sum(sizes)
     return out
 
 
@@ -107,8 +124,7 @@ def unpack(flat: torch.Tensor, tensors: Sequence[torch.Tensor], scale: float = 1
         if not t.is_contiguous():
             raise ConfigError(f"unpack writes in place, so tensor {i} (shape {tuple(t.shape)}) must be contiguous")
     offset, esize = 0, flat.element_size()
-    for a, b in _runs(tensors):
-        run = tensors[a:b]
+    for run in _runs(tensors):
         args = (flat.data_ptr() + offset * esize, _dt(flat.dtype), [t.data_ptr() for t in run],
                 [t.numel() for t in run], _dt(run[0].dtype), float(scale), bool(accumulate))
         if flat.device.type == "cuda":
@@ -131,8 +147,7 @@ def multi_tensor_norm(tensors: Sequence[torch.Tensor], norm_type: float = 2.0,
         norms = torch.stack([torch.linalg.vector_norm(t.float(), norm_type) for t in tensors])
         return torch.linalg.vector_norm(norms, norm_type)
     sum_sq, max_abs, nan = 0.0, 0.0, False
-    for a, b in _runs(tensors):
-        run = tensors[a:b]
+    for run in _runs(tensors):
         s, m, n = _k().norm([t.data_ptr() for t in run], [t.numel() for t in run], _dt(run[0].dtype),
                             _threads(threads))
         sum_sq, max_abs, nan = sum_sq + s, max(max_abs, m), nan or n
