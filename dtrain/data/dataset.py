@@ -332,10 +332,12 @@ class TFRecordDataset(torch.utils.data.IterableDataset):
             shuffle_buffer=self._shuffle_buffer, seed=_plan.seed_for(self._seed, epoch, 1),
             workers=self.workers, prefetch=self._prefetch, skip_records=skip_records)
         self._live = pipe
+        batches, last = 0, None
         try:
             while True:
                 b = pipe.next()
                 if b is None:
+                    yield from self._pad_steps(p, skip_records, batches, last)
                     break
                 if self._schema is None:  # raw records: a list of bytes
                     rows, records = len(b), b
@@ -354,6 +356,7 @@ class TFRecordDataset(torch.utils.data.IterableDataset):
                             yield rec, 1
                         continue
                     batch = collate(records)
+                batches, last = batches + 1, batch
                 yield batch, rows
         finally:
             self._live = None
@@ -365,6 +368,22 @@ class TFRecordDataset(torch.utils.data.IterableDataset):
                     pool.shutdown(wait=False, cancel_futures=True)
             for k, v in st.items():
                 self._stats[k] = self._stats.get(k, 0) + v
+
+    def _pad_steps(self, p: _plan.Plan, skip_records: int, batches: int, last: Any) -> Iterator[Tuple[Any, int]]:
+        """Under on_error="skip" a sharded rank that left bad records out may come up a batch
+        short of the others, and would then wait alone in a collective. It repeats its last
+        batch instead (counted in stats()["padded_batches"]; the position does not move)."""
+        if not (self._skip and self._shard and self._shard[1] > 1 and self._batch_size and p.records is not None):
+            return
+        size = self._batch_size
+        total = p.records // size if self._drop_remainder else -(-p.records // size)
+        missing = total - skip_records // size - batches
+        if missing > 0 and last is None:
+            raise DataError(f"rank {self._shard[0]}'s share of the records held no good record, so it cannot run the "
+                            f"{total} steps the other ranks run; see problems() for what was skipped")
+        for _ in range(max(missing, 0)):
+            self._stats["padded_batches"] = self._stats.get("padded_batches", 0) + 1
+            yield last, 0
 
     def _transfer(self, item: Any) -> Any:
         """Pins and copies a batch to the prefetch device (on the background thread)."""

@@ -570,3 +570,19 @@ def test_batch_maps_run_on_threads_in_order(files):
     ds = data.TFRecordDataset(files, SPEC).batch(3).map(slow, workers=3)
     assert sum(list(ds), []) == ALL
     assert len(names) > 1 and all(n.startswith("dtrain-map") for n in names)
+
+
+def test_skipped_records_do_not_cost_a_rank_a_step(files):
+    """30 records over 2 ranks, batches of 5: 3 each. Rank 0 loses a record to damage and
+    would run 2 batches under drop_remainder; it repeats its last batch instead."""
+    idx = data.read_index(files[0] + ".idx")
+    damage(files[0], idx[4][0] + 14)
+    counts = []
+    for rank in range(2):
+        ds = data.TFRecordDataset(files, SPEC, on_error="skip").shard(rank, 2).batch(5, drop_remainder=True)
+        got = [b["id"].tolist() for b in ds]
+        counts.append(len(got))
+        if rank == 0:
+            assert ds.stats()["bad_records"] == 1 and ds.stats()["padded_batches"] == 1
+            assert got[-1] == got[-2] and 4 not in sum(got, [])
+    assert counts == [3, 3]
