@@ -9,7 +9,7 @@ in the same pass, and norms over many tensors in one pass.
 from __future__ import annotations
 
 import math
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Iterable, List, Optional, Sequence, Union
 
 import torch
 

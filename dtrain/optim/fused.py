@@ -17,7 +17,7 @@ makes every step check its grads for inf/NaN first and skip (counted in
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -41,7 +41,6 @@ class _FusedOptimizer(torch.optim.Optimizer):
     """Grouping, checks, AMP and step counting shared by the fused optimizers."""
 
     _step_supports_amp_scaling = True  # GradScaler sets grad_scale/found_inf instead of unscaling
-    _state_slots: Tuple[str, ...] = ()
 
     def __init__(self, params, defaults: Dict[str, Any], check_finite: bool, threads: Optional[int]):
         if threads is not None and not (isinstance(threads, int) and threads >= 1):

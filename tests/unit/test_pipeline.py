@@ -7,9 +7,7 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 
-import numpy as np
 import pytest
 import torch
 
