@@ -56,16 +56,11 @@ def params(total: int, tensors: int = 200):
 def time_step(make, total, trials):
     ps = params(total)
     opt = make(ps)
-    opt.step()  # state, plans, pages
-    times = []
-    for _ in range(trials):
-        t0 = time.perf_counter()
-        opt.step()
-        times.append(time.perf_counter() - t0)
+    sec = time_fn(opt.step, trials)  # its untimed first call makes the state, plans and pages
     n = sum(p.numel() for p in ps)
     del opt, ps
     gc.collect()
-    return statistics.median(times), n
+    return sec, n
 
 
 def fusion_cases(total):
@@ -119,6 +114,7 @@ def nn_cases():
 
 
 def time_fn(fn, trials):
+    """Median seconds of `trials` calls after one untimed call."""
     fn()
     times = []
     for _ in range(trials):

@@ -273,7 +273,7 @@ class TFRecordDataset(torch.utils.data.IterableDataset):
         p = self._make_plan(self._epoch)
         if p.records is not None:
             return p.records
-        counts = _plan._counts([self._file_infos()[r[0]] for r in p.ranges], self.compression, self._skip)
+        counts = _plan.record_counts([self._file_infos()[r[0]] for r in p.ranges], self.compression, self._skip)
         return sum(counts)
 
     def __len__(self) -> int:

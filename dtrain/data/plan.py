@@ -80,7 +80,8 @@ def count_records(path: str, compression: str, skip: bool) -> int:
     return _COUNTS[key]
 
 
-def _counts(files: Sequence[FileInfo], compression: str, skip: bool) -> List[int]:
+def record_counts(files: Sequence[FileInfo], compression: str, skip: bool) -> List[int]:
+    """Records per file: from the index where there is one, else counted (and cached)."""
     return [f.count if f.count is not None else count_records(f.path, compression, skip) for f in files]
 
 
@@ -137,7 +138,7 @@ def make_plan(files: Sequence[FileInfo], compression: str, skip: bool, rank: int
         raise ConfigError(f"{len(files)} file(s) cannot be shared by file among {world} ranks: every rank needs at "
                           "least one. Write index files (`dtrain-data index FILES`) so the dataset shards by "
                           "record, or write more, smaller files")
-    counts = _counts(files, compression, skip)
+    counts = record_counts(files, compression, skip)
     mine = list(range(rank, len(files), world))
     totals = [sum(counts[i] for i in range(r, len(files), world)) for r in range(world)]
     target = min(totals) if drop_last else max(totals)
