@@ -239,9 +239,10 @@ class TFRecordDataset(torch.utils.data.IterableDataset):
     def state_dict(self) -> Dict[str, Any]:
         """Where iteration stands: the epoch and the records of it already handed out.
         load_state_dict() on a dataset built the same way resumes right after them."""
+        shard = list(self._shard[:2]) if self._shard else None
         return {"version": _STATE_VERSION, "epoch": self._epoch, "position": self._position,
-                "files": [os.path.basename(f) for f in self.files], "shard": list(self._shard[:2]) if self._shard else None,
-                "seed": self._seed, "batch_size": self._batch_size}
+                "files": [os.path.basename(f) for f in self.files], "shard": shard, "seed": self._seed,
+                "batch_size": self._batch_size}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
