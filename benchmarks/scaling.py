@@ -146,8 +146,8 @@ def plot(results, ranks_list, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2))
-    for ax, (name, rows) in zip(axes, results.items()):
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2), squeeze=False)
+    for ax, (name, rows) in zip(axes[0], results.items()):
         peers = [p for p in PEERS if p != "torch-1proc"]
         xs = range(len(peers))
         vals = [rows.get(f"{p}@{ranks_list[-1]}", {}).get("samples_per_s", 0) for p in peers]

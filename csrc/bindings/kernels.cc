@@ -4,9 +4,12 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstddef>
+
 #include "common/error.h"
 #include "kernels/cpu/nn.h"
 #include "kernels/cpu/optim.h"
+#include "kernels/cuda/planner.h"
 #ifdef DTRAIN_WITH_CUDA
 #include "kernels/cuda/launch.h"
 #endif
@@ -143,6 +146,39 @@ void bindKernels(py::module_& m) {
         py::arg("dtype"), py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("mean"), py::arg("rstd"),
         py::arg("dx"), py::arg("dweight"), py::arg("dbias"), py::arg("rows"), py::arg("n"), py::arg("threads"),
         "LayerNorm's backward: dx, and dweight/dbias when their pointers are not 0.");
+  // Launch planning for the run-time (NVRTC) path: the same blocks the nvcc launchers use.
+  m.def("cuda_plan",
+        [](const std::vector<std::vector<uintptr_t>>& slots, const std::vector<int64_t>& numel) {
+          TensorLists t = lists(slots, numel, DType::kFloat32);
+          std::vector<std::pair<py::bytes, int>> out;
+          cuda::forEachLaunch(t, static_cast<int>(slots.size()), [&](const cuda::Launch& L, int blocks) {
+            out.emplace_back(py::bytes(reinterpret_cast<const char*>(&L), sizeof(L)), blocks);
+          });
+          return out;
+        },
+        py::arg("slots"), py::arg("numel"),
+        "The multi-tensor launches for these tensors: (Launch block as bytes, block count) each.");
+  m.def("cuda_layout", [] {
+    py::dict d;
+    d["launch_size"] = sizeof(cuda::Launch);
+    d["numel_offset"] = offsetof(cuda::Launch, numel);
+    d["block_tensor_offset"] = offsetof(cuda::Launch, blockTensor);
+    d["block_chunk_offset"] = offsetof(cuda::Launch, blockChunk);
+    d["adam_args_size"] = sizeof(AdamArgs);
+    d["sgd_args_size"] = sizeof(SgdArgs);
+    d["max_tensors"] = cuda::kMaxTensors;
+    d["max_blocks"] = cuda::kMaxBlocks;
+    d["chunk"] = cuda::kChunk;
+    d["threads"] = cuda::kThreads;
+    d["col_tile"] = cuda::kColTile;
+    d["col_rows"] = cuda::kColRows;
+    d["rows_per_warp_block"] = cuda::kRowsPerWarpBlock;
+    return d;
+  }, "The CUDA kernels' launch geometry and argument layout (plan.h), for the NVRTC path.");
+  m.def("cuda_col_chunks", [](int64_t rows) { return cuda::colChunks(rows); }, py::arg("rows"),
+        "Row chunks of a column reduction over `rows` rows (the partial-sum buffer's rows).");
+  m.def("cuda_total_blocks", [](const std::vector<int64_t>& numel) { return cuda::totalBlocks(numel); },
+        py::arg("numel"), "Blocks of all multi-tensor launches over these sizes (a norm's partial sums).");
 #ifdef DTRAIN_WITH_CUDA
   m.attr("cuda_built") = true;
   auto cudaCheck = [] {
@@ -188,6 +224,42 @@ void bindKernels(py::module_& m) {
           cudaCheck();
         },
         "unpack on CUDA tensors, launched on `stream`.");
+  m.def("norm_cuda",
+        [ptrs, cudaCheck](const std::vector<uintptr_t>& x, const std::vector<int64_t>& numel, DType dt,
+                          uintptr_t partSq, uintptr_t partMax, bool inf, uintptr_t out, uintptr_t stream) {
+          std::vector<void*> p = ptrs(x);
+          cuda::norm(std::vector<const void*>(p.begin(), p.end()), numel, dt, reinterpret_cast<double*>(partSq),
+                     reinterpret_cast<float*>(partMax), inf, reinterpret_cast<float*>(out), stream);
+          cudaCheck();
+        },
+        "multi_tensor_norm on CUDA tensors into the device float `out`, launched on `stream`.");
+  auto V = [](uintptr_t p) { return reinterpret_cast<void*>(p); };
+  auto F = [](uintptr_t p) { return reinterpret_cast<float*>(p); };
+  m.def("gelu_forward_cuda",
+        [V, cudaCheck](DType dt, uintptr_t x, uintptr_t b, uintptr_t y, int64_t rows, int64_t n, uintptr_t stream) {
+          cuda::geluForward(dt, V(x), V(b), V(y), rows, n, stream);
+          cudaCheck();
+        });
+  m.def("gelu_backward_cuda",
+        [V, F, cudaCheck](DType dt, uintptr_t dy, uintptr_t x, uintptr_t b, uintptr_t dx, uintptr_t db,
+                          uintptr_t part, int64_t rows, int64_t n, uintptr_t stream) {
+          cuda::geluBackward(dt, V(dy), V(x), V(b), V(dx), V(db), F(part), rows, n, stream);
+          cudaCheck();
+        });
+  m.def("layer_norm_forward_cuda",
+        [V, F, cudaCheck](DType dt, uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t y, uintptr_t mean,
+                          uintptr_t rstd, int64_t rows, int64_t n, float eps, uintptr_t stream) {
+          cuda::layerNormForward(dt, V(x), V(w), V(b), V(y), F(mean), F(rstd), rows, n, eps, stream);
+          cudaCheck();
+        });
+  m.def("layer_norm_backward_cuda",
+        [V, F, cudaCheck](DType dt, uintptr_t dy, uintptr_t x, uintptr_t w, uintptr_t mean, uintptr_t rstd,
+                          uintptr_t dx, uintptr_t dw, uintptr_t db, uintptr_t part, int64_t rows, int64_t n,
+                          uintptr_t stream) {
+          cuda::layerNormBackward(dt, V(dy), V(x), V(w), F(mean), F(rstd), V(dx), V(dw), V(db), F(part), rows, n,
+                                  stream);
+          cudaCheck();
+        });
 #else
   m.attr("cuda_built") = false;
 #endif

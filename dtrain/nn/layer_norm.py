@@ -11,7 +11,8 @@ from dtrain.ops.nn import fused_layer_norm
 
 class FusedLayerNorm(torch.nn.LayerNorm):
     """torch.nn.LayerNorm (same arguments, parameters and state_dict keys) whose forward
-    and backward are one fused pass each on CPU float32/float64 tensors.
+    and backward are one fused pass each on CPU float32/float64 and CUDA
+    float32/float16/bfloat16 tensors (elsewhere torch's own LayerNorm runs).
 
     A normalized_shape of several dimensions is normalised as one flattened last dimension.
 

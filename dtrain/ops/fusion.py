@@ -14,6 +14,7 @@ from typing import Iterable, List, Optional, Sequence, Union
 import torch
 
 from dtrain.errors import ConfigError
+from dtrain.ops import _cuda
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -50,8 +51,7 @@ def _check(tensors: Sequence[torch.Tensor], what: str) -> None:
     if not cpu:
         if first.device.type != "cuda":
             raise ConfigError(f"{what}: tensors are on {first.device}; the kernels run on CPU and CUDA tensors")
-        if not _k().cuda_built:
-            raise ConfigError(f"{what}: tensors are on {first.device}, but this dtrain was built without CUDA kernels")
+        _cuda.backend(what)
 
 
 def _runs(tensors: Sequence[torch.Tensor]) -> List[Sequence[torch.Tensor]]:
@@ -100,7 +100,7 @@ def pack(tensors: Sequence[torch.Tensor], dtype: Optional[torch.dtype] = None, s
             sizes.append(t.numel())
         args = (ptrs, sizes, _dt(run[0].dtype), out.data_ptr() + offset * esize, _dt(dtype), float(scale))
         if device.type == "cuda":
-            _k().pack_cuda(*args, torch.cuda.current_stream(device).cuda_stream)
+            _cuda.backend("pack").pack_cuda(*args, torch.cuda.current_stream(device).cuda_stream)
         else:
             _k().pack(*args, _threads(threads))
         offset += sum(sizes)
@@ -128,7 +128,7 @@ def unpack(flat: torch.Tensor, tensors: Sequence[torch.Tensor], scale: float = 1
         args = (flat.data_ptr() + offset * esize, _dt(flat.dtype), [t.data_ptr() for t in run],
                 [t.numel() for t in run], _dt(run[0].dtype), float(scale), bool(accumulate))
         if flat.device.type == "cuda":
-            _k().unpack_cuda(*args, torch.cuda.current_stream(flat.device).cuda_stream)
+            _cuda.backend("unpack").unpack_cuda(*args, torch.cuda.current_stream(flat.device).cuda_stream)
         else:
             _k().unpack(*args, _threads(threads))
         offset += sum(t.numel() for t in run)
@@ -141,11 +141,13 @@ def multi_tensor_norm(tensors: Sequence[torch.Tensor], norm_type: float = 2.0,
     tensors = [t.contiguous() for t in tensors]
     _check(tensors, "multi_tensor_norm")
     norm_type = float(norm_type)
-    if norm_type not in (2.0, math.inf) or (tensors and tensors[0].is_cuda):  # CUDA: torch's norms for now
+    if norm_type not in (2.0, math.inf):  # other orders: torch's norms, per tensor then together
         if not tensors:
             return torch.tensor(0.0)
         norms = torch.stack([torch.linalg.vector_norm(t.float(), norm_type) for t in tensors])
         return torch.linalg.vector_norm(norms, norm_type)
+    if tensors and tensors[0].is_cuda:
+        return _cuda_norm(tensors, norm_type == math.inf)
     sum_sq, max_abs, nan = 0.0, 0.0, False
     for run in _runs(tensors):
         s, m, n = _k().norm([t.data_ptr() for t in run], [t.numel() for t in run], _dt(run[0].dtype),
@@ -154,6 +156,29 @@ def multi_tensor_norm(tensors: Sequence[torch.Tensor], norm_type: float = 2.0,
     if nan:
         return torch.tensor(float("nan"))
     return torch.tensor(math.sqrt(sum_sq) if norm_type == 2.0 else max_abs, dtype=torch.float32)
+
+
+def _cuda_norm(tensors: Sequence[torch.Tensor], inf: bool) -> torch.Tensor:
+    """The norm on the device, left there (as torch's clip_grad_norm_ does: no host sync)."""
+    from dtrain import _C
+    dev = tensors[0].device
+    out = torch.empty((), dtype=torch.float32, device=dev)
+    total = _C.kernels.cuda_total_blocks([t.numel() for t in tensors])
+    part_sq = torch.empty(max(total, 1), dtype=torch.float64, device=dev)
+    part_max = torch.empty(max(total, 1), dtype=torch.float32, device=dev)
+    stream = torch.cuda.current_stream(dev).cuda_stream
+    kern = _cuda.backend("multi_tensor_norm")
+    runs = _runs(tensors)
+    if len(runs) == 1:
+        kern.norm_cuda([t.data_ptr() for t in tensors], [t.numel() for t in tensors], _dt(tensors[0].dtype),
+                       part_sq.data_ptr(), part_max.data_ptr(), inf, out.data_ptr(), stream)
+        return out
+    parts = []  # one norm per dtype run, then their norm
+    for run in runs:
+        kern.norm_cuda([t.data_ptr() for t in run], [t.numel() for t in run], _dt(run[0].dtype), part_sq.data_ptr(),
+                       part_max.data_ptr(), inf, out.data_ptr(), stream)
+        parts.append(out.clone())
+    return torch.linalg.vector_norm(torch.stack(parts), math.inf if inf else 2.0)
 
 
 def clip_grad_norm_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], max_norm: float,

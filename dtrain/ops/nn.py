@@ -5,7 +5,9 @@
 
 One pass over memory forward and one backward (the bias and weight gradients are
 summed in the same pass as the input's). CPU float32 and float64 tensors run the C++
-kernels; other dtypes and devices take torch's own ops, with the same results.
+kernels; CUDA float32, float16 and bfloat16 tensors the CUDA kernels (built in, or
+compiled at run time through CuPy); anything else, or CUDA with neither kernel path,
+takes torch's own ops, with the same results.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from dtrain.errors import ConfigError
+from dtrain.ops import _cuda
 
 
 def _k():
@@ -29,10 +32,29 @@ def _dt(t: torch.Tensor):
 
 
 def _ours(*ts: Optional[torch.Tensor]) -> bool:
-    """Whether the C++ kernels take these tensors (else torch's ops run)."""
+    """Whether dtrain's kernels take these tensors (else torch's ops run)."""
     first = ts[0]
-    return (first.device.type == "cpu" and first.dtype in (torch.float32, torch.float64)
-            and all(t is None or (t.dtype == first.dtype and t.device == first.device) for t in ts))
+    if not all(t is None or (t.dtype == first.dtype and t.device == first.device) for t in ts):
+        return False
+    if first.device.type == "cpu":
+        return first.dtype in (torch.float32, torch.float64)
+    return (first.device.type == "cuda" and first.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and _cuda.backend("fused ops", required=False) is not None)
+
+
+def _cuda_dt(t: torch.Tensor):
+    from dtrain import _C
+    return {torch.float32: _C.DType.float32, torch.float16: _C.DType.float16,
+            torch.bfloat16: _C.DType.bfloat16}[t.dtype]
+
+
+def _stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _col_part(rows: int, n: int, t: torch.Tensor, count: int = 1) -> torch.Tensor:
+    """Scratch for a CUDA column reduction: `count` blocks of colChunks(rows) x n floats."""
+    return torch.empty(count * _k().cuda_col_chunks(rows) * max(n, 1), dtype=torch.float32, device=t.device)
 
 
 def _ptr(t: Optional[torch.Tensor]) -> int:
@@ -48,8 +70,12 @@ class _BiasGelu(torch.autograd.Function):
         bias = bias.contiguous()
         y = torch.empty_like(x)
         n = bias.numel()
-        _k().gelu_forward(_dt(x), x.data_ptr(), bias.data_ptr(), y.data_ptr(), x.numel() // max(n, 1), n,
-                          torch.get_num_threads())
+        rows = x.numel() // max(n, 1)
+        if x.is_cuda:
+            _cuda.backend("fused_bias_gelu").gelu_forward_cuda(_cuda_dt(x), x.data_ptr(), bias.data_ptr(),
+                                                               y.data_ptr(), rows, n, _stream(x))
+        else:
+            _k().gelu_forward(_dt(x), x.data_ptr(), bias.data_ptr(), y.data_ptr(), rows, n, torch.get_num_threads())
         ctx.save_for_backward(x, bias)
         return y
 
@@ -60,8 +86,15 @@ class _BiasGelu(torch.autograd.Function):
         dx = torch.empty_like(x)
         db = torch.empty_like(bias)
         n = bias.numel()
-        _k().gelu_backward(_dt(x), dy.data_ptr(), x.data_ptr(), bias.data_ptr(), dx.data_ptr(), db.data_ptr(),
-                           x.numel() // max(n, 1), n, torch.get_num_threads())
+        rows = x.numel() // max(n, 1)
+        if x.is_cuda:
+            part = _col_part(rows, n, x)
+            _cuda.backend("fused_bias_gelu").gelu_backward_cuda(
+                _cuda_dt(x), dy.data_ptr(), x.data_ptr(), bias.data_ptr(), dx.data_ptr(), db.data_ptr(),
+                part.data_ptr(), rows, n, _stream(x))
+        else:
+            _k().gelu_backward(_dt(x), dy.data_ptr(), x.data_ptr(), bias.data_ptr(), dx.data_ptr(), db.data_ptr(),
+                               rows, n, torch.get_num_threads())
         return dx, db
 
 
@@ -91,14 +124,20 @@ class _LayerNorm(torch.autograd.Function):
         x = x.contiguous()
         rows = x.numel() // max(n, 1)
         y = torch.empty_like(x)
-        mean = torch.empty(rows, dtype=x.dtype)
-        rstd = torch.empty(rows, dtype=x.dtype)
+        stat = torch.float32 if x.is_cuda else x.dtype  # per-row mean and 1/std
+        mean = torch.empty(rows, dtype=stat, device=x.device)
+        rstd = torch.empty(rows, dtype=stat, device=x.device)
         w = weight.contiguous() if weight is not None else None
         b = bias.contiguous() if bias is not None else None
-        if w is None and b is not None:  # the kernel scales before it shifts
-            w = torch.ones(n, dtype=x.dtype)
-        _k().layer_norm_forward(_dt(x), x.data_ptr(), _ptr(w), _ptr(b), y.data_ptr(), mean.data_ptr(),
-                                rstd.data_ptr(), rows, n, float(eps), torch.get_num_threads())
+        if w is None and b is not None:  # the CPU kernel scales before it shifts
+            w = torch.ones(n, dtype=x.dtype, device=x.device)
+        if x.is_cuda:
+            _cuda.backend("fused_layer_norm").layer_norm_forward_cuda(
+                _cuda_dt(x), x.data_ptr(), _ptr(w), _ptr(b), y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), rows,
+                n, float(eps), _stream(x))
+        else:
+            _k().layer_norm_forward(_dt(x), x.data_ptr(), _ptr(w), _ptr(b), y.data_ptr(), mean.data_ptr(),
+                                    rstd.data_ptr(), rows, n, float(eps), torch.get_num_threads())
         ctx.save_for_backward(x, w, mean, rstd)
         ctx.has = (weight is not None, bias is not None)
         ctx.n = n
@@ -111,10 +150,18 @@ class _LayerNorm(torch.autograd.Function):
         dx = torch.empty_like(x)
         need_w = ctx.has[0] and ctx.needs_input_grad[1]
         need_b = ctx.has[1] and ctx.needs_input_grad[2]
-        dw = torch.empty(ctx.n, dtype=x.dtype) if need_w else None
-        db = torch.empty(ctx.n, dtype=x.dtype) if need_b else None
-        _k().layer_norm_backward(_dt(x), dy.data_ptr(), x.data_ptr(), _ptr(w), mean.data_ptr(), rstd.data_ptr(),
-                                 dx.data_ptr(), _ptr(dw), _ptr(db), mean.numel(), ctx.n, torch.get_num_threads())
+        dw = torch.empty(ctx.n, dtype=x.dtype, device=x.device) if need_w else None
+        db = torch.empty(ctx.n, dtype=x.dtype, device=x.device) if need_b else None
+        rows = mean.numel()
+        if x.is_cuda:
+            part = _col_part(rows, ctx.n, x, 2)
+            _cuda.backend("fused_layer_norm").layer_norm_backward_cuda(
+                _cuda_dt(x), dy.data_ptr(), x.data_ptr(), _ptr(w), mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(),
+                _ptr(dw), _ptr(db), part.data_ptr(), rows, ctx.n, _stream(x))
+        else:
+            _k().layer_norm_backward(_dt(x), dy.data_ptr(), x.data_ptr(), _ptr(w), mean.data_ptr(),
+                                     rstd.data_ptr(), dx.data_ptr(), _ptr(dw), _ptr(db), rows, ctx.n,
+                                     torch.get_num_threads())
         return dx, dw, db, None
 
 

@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from dtrain.errors import ConfigError
+from dtrain.ops import _cuda
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -57,10 +58,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
             raise ConfigError(f"{type(self).__name__} updates float32, float16 and bfloat16 parameters; param group "
                               f"{group_index} holds a {p.dtype} parameter of shape {tuple(p.shape)}. Use torch.optim "
                               f"for it (a separate optimizer), or convert the model")
-        if p.device.type == "cuda" and not _kernels().cuda_built:
-            raise ConfigError(f"a parameter is on {p.device}, but this dtrain was built without CUDA kernels (no nvcc "
-                              "at build time); rebuild with the CUDA toolkit installed, or use "
-                              "torch.optim.Adam(fused=True) on the GPU")
+        if p.device.type == "cuda":
+            _cuda.backend(f"{type(self).__name__} (a parameter is on {p.device})")
         if p.device.type not in ("cpu", "cuda"):
             raise ConfigError(f"{type(self).__name__} runs on CPU and CUDA tensors, not {p.device}")
         if not p.is_contiguous():
@@ -256,7 +255,7 @@ class FusedAdam(_FusedOptimizer):
                 -inv_scale if group["maximize"] else inv_scale, 1 - beta1, beta2, 1 - beta2, eps, wd, 1 - lr * wd,
                 -(lr / bias1), math.sqrt(bias2))
         if b.key[0].type == "cuda":  # launched on torch's current stream; found_inf was read above
-            k.adam_step_cuda(*args, 0, torch.cuda.current_stream(b.key[0]).cuda_stream)
+            _cuda.backend("FusedAdam").adam_step_cuda(*args, 0, torch.cuda.current_stream(b.key[0]).cuda_stream)
             found = False
         else:
             found = k.adam_step(*args, check, threads)
@@ -325,7 +324,7 @@ class FusedSGD(_FusedOptimizer):
         args = (slots, b.numel, b.dtype, wd != 0, mode, bool(group["nesterov"]),
                 -inv_scale if group["maximize"] else inv_scale, wd, mom, 1 - group["dampening"], -group["lr"])
         if b.key[0].type == "cuda":
-            k.sgd_step_cuda(*args, 0, torch.cuda.current_stream(b.key[0]).cuda_stream)
+            _cuda.backend("FusedSGD").sgd_step_cuda(*args, 0, torch.cuda.current_stream(b.key[0]).cuda_stream)
             found = False
         else:
             found = k.sgd_step(*args, check, threads)
