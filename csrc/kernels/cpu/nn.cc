@@ -1,6 +1,7 @@
 #include "kernels/cpu/nn.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <thread>
 #include <vector>
 
@@ -36,6 +37,14 @@ void byRows(int64_t rows, int64_t n, int threads, F f) {
 
 size_t elem(DType dt) { return dt == DType::kFloat64 ? 8 : 4; }
 
+// Outputs of at least this many bytes skip the caches (nn_impl.h's storeTile): a
+// consumer would not find them there anyway, and a normal store reads each line first.
+bool streamOutput(DType dt, int64_t rows, int64_t n) {
+  const char* env = std::getenv("DTRAIN_NN_STREAM");  // 0: never, 1: always (tests)
+  if (env && (env[0] == '0' || env[0] == '1')) return env[0] == '1';
+  return rows * n * int64_t(elem(dt)) >= (int64_t(8) << 20);
+}
+
 // Sums per-thread column sums (in thread order) and stores them in the output type.
 void reduceColumns(DType dt, const std::vector<std::vector<double>>& parts, int64_t n, void* out) {
   for (int64_t c = 0; c < n; ++c) {
@@ -54,20 +63,22 @@ void reduceColumns(DType dt, const std::vector<std::vector<double>>& parts, int6
 void geluForward(DType dt, const void* x, const void* bias, void* y, int64_t rows, int64_t n, int threads) {
   checkArgs(dt, rows, n);
   const CpuTable& k = cpuTable();
-  byRows(rows, n, threads, [&](int, int64_t r0, int64_t r1) { k.geluFwd(dt, x, bias, y, r0, r1, n); });
+  const bool stream = streamOutput(dt, rows, n);
+  byRows(rows, n, threads, [&](int, int64_t r0, int64_t r1) { k.geluFwd(dt, x, bias, y, r0, r1, n, stream); });
 }
 
 void geluBackward(DType dt, const void* dy, const void* x, const void* bias, void* dx, void* dbias, int64_t rows,
                   int64_t n, int threads) {
   checkArgs(dt, rows, n);
   const CpuTable& k = cpuTable();
+  const bool stream = streamOutput(dt, rows, n);
   std::vector<std::vector<double>> parts(std::max(threads, 1));
   byRows(rows, n, threads, [&](int t, int64_t r0, int64_t r1) {
     parts[t].assign(n, 0.0);
     std::vector<uint8_t> scratch(n * elem(dt));
     constexpr int64_t kBlock = 64;  // rows summed in the element type before joining the doubles
     for (int64_t r = r0; r < r1; r += kBlock)
-      k.geluBwd(dt, dy, x, bias, dx, parts[t].data(), r, std::min(r1, r + kBlock), n, scratch.data());
+      k.geluBwd(dt, dy, x, bias, dx, parts[t].data(), r, std::min(r1, r + kBlock), n, scratch.data(), stream);
   });
   reduceColumns(dt, parts, n, dbias);
 }
@@ -77,7 +88,10 @@ void layerNormForward(DType dt, const void* x, const void* weight, const void* b
   checkArgs(dt, rows, n);
   DTRAIN_CHECK(n > 0 || rows == 0, kConfig, "LayerNorm over 0 elements per row is undefined");
   const CpuTable& k = cpuTable();
-  byRows(rows, n, threads, [&](int, int64_t r0, int64_t r1) { k.lnFwd(dt, x, weight, bias, y, mean, rstd, r0, r1, n, eps); });
+  const bool stream = streamOutput(dt, rows, n);
+  byRows(rows, n, threads, [&](int, int64_t r0, int64_t r1) {
+    k.lnFwd(dt, x, weight, bias, y, mean, rstd, r0, r1, n, eps, stream);
+  });
 }
 
 void layerNormBackward(DType dt, const void* dy, const void* x, const void* weight, const void* mean,
@@ -85,6 +99,7 @@ void layerNormBackward(DType dt, const void* dy, const void* x, const void* weig
   checkArgs(dt, rows, n);
   const CpuTable& k = cpuTable();
   const int slots = std::max(threads, 1);
+  const bool stream = streamOutput(dt, rows, n);
   std::vector<std::vector<double>> pw(slots), pb(slots);
   byRows(rows, n, threads, [&](int t, int64_t r0, int64_t r1) {
     pw[t].assign(n, 0.0);
@@ -93,7 +108,7 @@ void layerNormBackward(DType dt, const void* dy, const void* x, const void* weig
     constexpr int64_t kBlock = 64;
     for (int64_t r = r0; r < r1; r += kBlock)
       k.lnBwd(dt, dy, x, weight, mean, rstd, dx, pw[t].data(), pb[t].data(), r, std::min(r1, r + kBlock), n,
-              scratch.data());
+              scratch.data(), stream);
   });
   if (dweight) reduceColumns(dt, pw, n, dweight);
   if (dbias) reduceColumns(dt, pb, n, dbias);

@@ -38,44 +38,88 @@ inline double erfOf(double x) { return __builtin_erf(x); }
 inline float expOf(float x) { return expPoly(x); }
 inline double expOf(double x) { return __builtin_exp(x); }
 
+// Outputs bigger than the caches are written with streaming (non-temporal) stores: a
+// normal store first reads the line it writes (write-allocate), so a row written this
+// way moves 2/3 of the bytes. Rows are computed into an L1-resident tile first.
+// The caller decides (nn.cc's streamOutput) from the whole call's output size.
+constexpr int64_t kTile = 2048;  // elements per tile of a row
+
+inline void storeTile(float* __restrict dst, const float* __restrict src, int64_t n, bool stream) {
+  int64_t c = 0;
+  if (stream) {
+#if defined(DTRAIN_OPT_AVX512)
+    for (; c < n && (reinterpret_cast<uintptr_t>(dst + c) & 63); ++c) dst[c] = src[c];
+    for (; c + 16 <= n; c += 16) _mm512_stream_ps(dst + c, _mm512_loadu_ps(src + c));
+#elif defined(DTRAIN_OPT_F16C)
+    for (; c < n && (reinterpret_cast<uintptr_t>(dst + c) & 31); ++c) dst[c] = src[c];
+    for (; c + 8 <= n; c += 8) _mm256_stream_ps(dst + c, _mm256_loadu_ps(src + c));
+#endif
+  }
+  for (; c < n; ++c) dst[c] = src[c];
+}
+inline void storeTile(double* __restrict dst, const double* __restrict src, int64_t n, bool) {
+  for (int64_t c = 0; c < n; ++c) dst[c] = src[c];
+}
+inline void streamFence(bool stream) {
+#if defined(DTRAIN_OPT_AVX512) || defined(DTRAIN_OPT_F16C)
+  if (stream) _mm_sfence();  // streaming stores are weakly ordered: publish them before returning
+#else
+  (void)stream;
+#endif
+}
+
 template <class T>
-void geluFwdRows(const T* __restrict x, const T* __restrict b, T* __restrict y, int64_t r0, int64_t r1, int64_t n) {
+void geluFwdRows(const T* __restrict x, const T* __restrict b, T* __restrict y, int64_t r0, int64_t r1, int64_t n,
+                 bool stream) {
   const T half = T(0.5), one = T(1), k = T(0.70710678118654752440);
+  alignas(64) T tile[kTile];
   for (int64_t r = r0; r < r1; ++r) {
     const T* xr = x + r * n;
     T* yr = y + r * n;
-    for (int64_t c = 0; c < n; ++c) {
-      const T z = xr[c] + b[c];
-      yr[c] = z * half * (one + erfOf(z * k));
+    for (int64_t c0 = 0; c0 < n; c0 += kTile) {
+      const int64_t m = n - c0 < kTile ? n - c0 : kTile;
+      for (int64_t c = 0; c < m; ++c) {
+        const T z = xr[c0 + c] + b[c0 + c];
+        tile[c] = z * half * (one + erfOf(z * k));
+      }
+      storeTile(yr + c0, tile, m, stream);
     }
   }
+  streamFence(stream);
 }
 
 // dx = dy * gelu'(x + b); db (one row of `n`, for these rows) += sum of dx over the rows.
 template <class T>
 void geluBwdRows(const T* __restrict dy, const T* __restrict x, const T* __restrict b, T* __restrict dx,
-                 double* __restrict db, int64_t r0, int64_t r1, int64_t n, T* __restrict acc) {
+                 double* __restrict db, int64_t r0, int64_t r1, int64_t n, T* __restrict acc, bool stream) {
   const T half = T(0.5), one = T(1), k = T(0.70710678118654752440), kPdf = T(0.39894228040143267794);
   for (int64_t c = 0; c < n; ++c) acc[c] = 0;
+  alignas(64) T tile[kTile];
   for (int64_t r = r0; r < r1; ++r) {
     const T* dyr = dy + r * n;
     const T* xr = x + r * n;
     T* dxr = dx + r * n;
-    for (int64_t c = 0; c < n; ++c) {
-      const T z = xr[c] + b[c];
-      const T cdf = half * (one + erfOf(z * k));
-      const T pdf = kPdf * expOf(-half * z * z);
-      const T g = dyr[c] * (cdf + z * pdf);
-      dxr[c] = g;
-      acc[c] += g;
+    for (int64_t c0 = 0; c0 < n; c0 += kTile) {
+      const int64_t m = n - c0 < kTile ? n - c0 : kTile;
+      for (int64_t c = 0; c < m; ++c) {
+        const T z = xr[c0 + c] + b[c0 + c];
+        const T cdf = half * (one + erfOf(z * k));
+        const T pdf = kPdf * expOf(-half * z * z);
+        const T g = dyr[c0 + c] * (cdf + z * pdf);
+        tile[c] = g;
+        acc[c0 + c] += g;
+      }
+      storeTile(dxr + c0, tile, m, stream);
     }
   }
+  streamFence(stream);
   for (int64_t c = 0; c < n; ++c) db[c] += acc[c];
 }
 
 template <class T>
 void lnFwdRows(const T* __restrict x, const T* __restrict w, const T* __restrict b, T* __restrict y,
-               T* __restrict mean, T* __restrict rstd, int64_t r0, int64_t r1, int64_t n, double eps) {
+               T* __restrict mean, T* __restrict rstd, int64_t r0, int64_t r1, int64_t n, double eps, bool stream) {
+  alignas(64) T tile[kTile];
   for (int64_t r = r0; r < r1; ++r) {
     const T* xr = x + r * n;
     T* yr = y + r * n;
@@ -94,14 +138,20 @@ void lnFwdRows(const T* __restrict x, const T* __restrict w, const T* __restrict
     const T rs = static_cast<T>(1.0 / __builtin_sqrt(static_cast<double>(v) / n + eps));
     mean[r] = mu;
     rstd[r] = rs;
-    if (w && b) {
-      for (int64_t c = 0; c < n; ++c) yr[c] = (xr[c] - mu) * rs * w[c] + b[c];
-    } else if (w) {
-      for (int64_t c = 0; c < n; ++c) yr[c] = (xr[c] - mu) * rs * w[c];
-    } else {
-      for (int64_t c = 0; c < n; ++c) yr[c] = (xr[c] - mu) * rs;
+    for (int64_t c0 = 0; c0 < n; c0 += kTile) {
+      const int64_t m = n - c0 < kTile ? n - c0 : kTile;
+      const T* xt = xr + c0;
+      if (w && b) {
+        for (int64_t c = 0; c < m; ++c) tile[c] = (xt[c] - mu) * rs * w[c0 + c] + b[c0 + c];
+      } else if (w) {
+        for (int64_t c = 0; c < m; ++c) tile[c] = (xt[c] - mu) * rs * w[c0 + c];
+      } else {
+        for (int64_t c = 0; c < m; ++c) tile[c] = (xt[c] - mu) * rs;
+      }
+      storeTile(yr + c0, tile, m, stream);
     }
   }
+  streamFence(stream);
 }
 
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * w; dw += sum dy * xhat,
@@ -109,8 +159,9 @@ void lnFwdRows(const T* __restrict x, const T* __restrict w, const T* __restrict
 template <class T>
 void lnBwdRows(const T* __restrict dy, const T* __restrict x, const T* __restrict w, const T* __restrict mean,
                const T* __restrict rstd, T* __restrict dx, double* __restrict dw, double* __restrict db, int64_t r0,
-               int64_t r1, int64_t n, T* __restrict accW, T* __restrict accB, T* __restrict gs) {
+               int64_t r1, int64_t n, T* __restrict accW, T* __restrict accB, T* __restrict gs, bool stream) {
   for (int64_t c = 0; c < n; ++c) accW[c] = accB[c] = 0;
+  alignas(64) T tile[kTile];
   for (int64_t r = r0; r < r1; ++r) {
     const T* dyr = dy + r * n;
     const T* xr = x + r * n;
@@ -128,11 +179,16 @@ void lnBwdRows(const T* __restrict dy, const T* __restrict x, const T* __restric
       accB[c] += dyr[c];
     }
     const T mg = sg / static_cast<T>(n), mgx = sgx / static_cast<T>(n);
-    for (int64_t c = 0; c < n; ++c) {
-      const T xh = (xr[c] - mu) * rs;
-      dxr[c] = rs * ((gs[c] - mg) - xh * mgx);
+    for (int64_t c0 = 0; c0 < n; c0 += kTile) {
+      const int64_t m = n - c0 < kTile ? n - c0 : kTile;
+      for (int64_t c = 0; c < m; ++c) {
+        const T xh = (xr[c0 + c] - mu) * rs;
+        tile[c] = rs * ((gs[c0 + c] - mg) - xh * mgx);
+      }
+      storeTile(dxr + c0, tile, m, stream);
     }
   }
+  streamFence(stream);
   for (int64_t c = 0; c < n; ++c) {
     dw[c] += accW[c];
     db[c] += accB[c];
@@ -140,40 +196,42 @@ void lnBwdRows(const T* __restrict dy, const T* __restrict x, const T* __restric
 }
 
 // Entry points taking the element type at run time (float32 or float64).
-void geluFwd(DType dt, const void* x, const void* b, void* y, int64_t r0, int64_t r1, int64_t n) {
+void geluFwd(DType dt, const void* x, const void* b, void* y, int64_t r0, int64_t r1, int64_t n, bool stream) {
   if (dt == DType::kFloat64)
-    return geluFwdRows(static_cast<const double*>(x), static_cast<const double*>(b), static_cast<double*>(y), r0, r1, n);
-  geluFwdRows(static_cast<const float*>(x), static_cast<const float*>(b), static_cast<float*>(y), r0, r1, n);
+    return geluFwdRows(static_cast<const double*>(x), static_cast<const double*>(b), static_cast<double*>(y), r0, r1, n,
+                       stream);
+  geluFwdRows(static_cast<const float*>(x), static_cast<const float*>(b), static_cast<float*>(y), r0, r1, n, stream);
 }
 
 void geluBwd(DType dt, const void* dy, const void* x, const void* b, void* dx, double* db, int64_t r0, int64_t r1,
-             int64_t n, void* scratch) {
+             int64_t n, void* scratch, bool stream) {
   if (dt == DType::kFloat64)
     return geluBwdRows(static_cast<const double*>(dy), static_cast<const double*>(x), static_cast<const double*>(b),
-                       static_cast<double*>(dx), db, r0, r1, n, static_cast<double*>(scratch));
+                       static_cast<double*>(dx), db, r0, r1, n, static_cast<double*>(scratch), stream);
   geluBwdRows(static_cast<const float*>(dy), static_cast<const float*>(x), static_cast<const float*>(b),
-              static_cast<float*>(dx), db, r0, r1, n, static_cast<float*>(scratch));
+              static_cast<float*>(dx), db, r0, r1, n, static_cast<float*>(scratch), stream);
 }
 
 void lnFwd(DType dt, const void* x, const void* w, const void* b, void* y, void* mean, void* rstd, int64_t r0,
-           int64_t r1, int64_t n, double eps) {
+           int64_t r1, int64_t n, double eps, bool stream) {
   if (dt == DType::kFloat64)
     return lnFwdRows(static_cast<const double*>(x), static_cast<const double*>(w), static_cast<const double*>(b),
-                     static_cast<double*>(y), static_cast<double*>(mean), static_cast<double*>(rstd), r0, r1, n, eps);
+                     static_cast<double*>(y), static_cast<double*>(mean), static_cast<double*>(rstd), r0, r1, n, eps,
+                     stream);
   lnFwdRows(static_cast<const float*>(x), static_cast<const float*>(w), static_cast<const float*>(b),
-            static_cast<float*>(y), static_cast<float*>(mean), static_cast<float*>(rstd), r0, r1, n, eps);
+            static_cast<float*>(y), static_cast<float*>(mean), static_cast<float*>(rstd), r0, r1, n, eps, stream);
 }
 
 void lnBwd(DType dt, const void* dy, const void* x, const void* w, const void* mean, const void* rstd, void* dx,
-           double* dw, double* db, int64_t r0, int64_t r1, int64_t n, void* scratch) {
+           double* dw, double* db, int64_t r0, int64_t r1, int64_t n, void* scratch, bool stream) {
   if (dt == DType::kFloat64) {
     auto* s = static_cast<double*>(scratch);
     return lnBwdRows(static_cast<const double*>(dy), static_cast<const double*>(x), static_cast<const double*>(w),
                      static_cast<const double*>(mean), static_cast<const double*>(rstd), static_cast<double*>(dx), dw,
-                     db, r0, r1, n, s, s + n, s + 2 * n);
+                     db, r0, r1, n, s, s + n, s + 2 * n, stream);
   }
   auto* s = static_cast<float*>(scratch);
   lnBwdRows(static_cast<const float*>(dy), static_cast<const float*>(x), static_cast<const float*>(w),
             static_cast<const float*>(mean), static_cast<const float*>(rstd), static_cast<float*>(dx), dw, db, r0, r1,
-            n, s, s + n, s + 2 * n);
+            n, s, s + n, s + 2 * n, stream);
 }

@@ -58,13 +58,14 @@ struct CpuTable {
   void (*convert)(DType dstType, void* dst, DType srcType, const void* src, int64_t n, float scale, bool add);
   NormPart (*norm)(DType, const void* x, int64_t n);
   // Rows [r0, r1) of `n` elements each (float32 or float64); see nn.h.
-  void (*geluFwd)(DType, const void* x, const void* b, void* y, int64_t r0, int64_t r1, int64_t n);
+  // `stream`: write the output with non-temporal stores (it is larger than the caches).
+  void (*geluFwd)(DType, const void* x, const void* b, void* y, int64_t r0, int64_t r1, int64_t n, bool stream);
   void (*geluBwd)(DType, const void* dy, const void* x, const void* b, void* dx, double* db, int64_t r0, int64_t r1,
-                  int64_t n, void* scratch);
+                  int64_t n, void* scratch, bool stream);
   void (*lnFwd)(DType, const void* x, const void* w, const void* b, void* y, void* mean, void* rstd, int64_t r0,
-                int64_t r1, int64_t n, double eps);
+                int64_t r1, int64_t n, double eps, bool stream);
   void (*lnBwd)(DType, const void* dy, const void* x, const void* w, const void* mean, const void* rstd, void* dx,
-                double* dw, double* db, int64_t r0, int64_t r1, int64_t n, void* scratch);
+                double* dw, double* db, int64_t r0, int64_t r1, int64_t n, void* scratch, bool stream);
 };
 
 // The table for this CPU (or the one DTRAIN_ISA names).
