@@ -69,41 +69,70 @@ def _runs(tensors: Sequence[torch.Tensor]) -> List[Sequence[torch.Tensor]]:
     return out
 
 
+def _gather(tensors: Sequence[torch.Tensor], what: str, copy: bool):
+    """One pass over the tensors: checks them as _check does and returns their runs of one
+    dtype as (dtype, pointers, sizes), plus contiguous copies to keep alive (copy=True; with
+    copy=False a non-contiguous tensor raises, for in-place writes). Per-tensor attribute
+    reads are the cost of a small pack, so each is read once."""
+    runs, keep = [], []
+    if not tensors:
+        return runs, keep
+    first = tensors[0]
+    cpu = isinstance(first, torch.Tensor) and first.is_cpu
+    dtype, ptrs, sizes = None, None, None
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise ConfigError(f"{what}: item {i} is a {type(t).__name__}, not a tensor")
+        dt = t.dtype
+        if dt is not dtype:
+            if dt not in _FLOATS:
+                raise ConfigError(f"{what}: tensor {i} is {dt}; these kernels take float32, float16 and bfloat16")
+            dtype, ptrs, sizes = dt, [], []
+            runs.append((dt, ptrs, sizes))
+        if t.is_cpu != cpu or (not cpu and t.device != first.device):
+            raise ConfigError(f"{what}: tensor {i} is on {t.device}, tensor 0 on {first.device}; one device per call")
+        if not t.is_contiguous():
+            if not copy:
+                raise ConfigError(f"{what} writes in place, so tensor {i} (shape {tuple(t.shape)}) must be "
+                                  "contiguous")
+            t = t.contiguous()
+            keep.append(t)
+        ptrs.append(t.data_ptr())
+        sizes.append(t.numel())
+    if not cpu:
+        _check([first], what)  # the device checks (CUDA, a kernel path for it)
+    return runs, keep
+
+
 def pack(tensors: Sequence[torch.Tensor], dtype: Optional[torch.dtype] = None, scale: float = 1.0,
          out: Optional[torch.Tensor] = None, threads: Optional[int] = None) -> torch.Tensor:
     """All tensors, flattened back to back into one 1-D tensor of `dtype` (default: the
     first tensor's), each element multiplied by `scale`, in one pass over memory.
 
-    Raises ConfigError for non-float or non-CPU tensors, or an `out` of the wrong size or dtype.
+    Raises ConfigError for non-float tensors, tensors on several devices, or an `out` of
+    the wrong size, dtype or device.
     """
     tensors = list(tensors)
-    _check(tensors, "pack")
+    runs, keep = _gather(tensors, "pack", copy=True)  # keep: copies alive until the kernel ran
     dtype = dtype or (tensors[0].dtype if tensors else torch.float32)
     if dtype not in _FLOATS:
         raise ConfigError(f"pack casts to float32, float16 or bfloat16, not {dtype}")
-    total = sum(t.numel() for t in tensors)
+    total = sum(sum(sizes) for _, _, sizes in runs)
     device = tensors[0].device if tensors else torch.device("cpu")
     if out is None:
         out = torch.empty(total, dtype=dtype, device=device)
     elif out.dtype != dtype or out.numel() != total or not out.is_contiguous() or out.device != device:
         raise ConfigError(f"pack's out must be a contiguous {dtype} tensor of {total} elements on {device}, got "
                           f"{out.dtype} with {out.numel()} on {out.device}")
-    keep = []  # contiguous copies of non-contiguous inputs, alive until the kernel ran
     offset, esize = 0, out.element_size()
-    for run in _runs(tensors):
-        ptrs, sizes = [], []
-        for t in run:
-            if not t.is_contiguous():
-                t = t.contiguous()
-                keep.append(t)
-            ptrs.append(t.data_ptr())
-            sizes.append(t.numel())
-        args = (ptrs, sizes, _dt(run[0].dtype), out.data_ptr() + offset * esize, _dt(dtype), float(scale))
+    for run_dtype, ptrs, sizes in runs:
+        args = (ptrs, sizes, _dt(run_dtype), out.data_ptr() + offset * esize, _dt(dtype), float(scale))
         if device.type == "cuda":
             _cuda.backend("pack").pack_cuda(*args, torch.cuda.current_stream(device).cuda_stream)
         else:
             _k().pack(*args, _threads(threads))
         offset += sum(sizes)
+    del keep
     return out
 
 
@@ -115,23 +144,23 @@ def unpack(flat: torch.Tensor, tensors: Sequence[torch.Tensor], scale: float = 1
     Raises ConfigError when flat's size is not the tensors' total or a tensor is not contiguous.
     """
     tensors = list(tensors)
-    _check(tensors + [flat], "unpack")
-    total = sum(t.numel() for t in tensors)
+    _check([flat], "unpack")
+    runs, _ = _gather(tensors, "unpack", copy=False)
+    if tensors and (flat.is_cpu != tensors[0].is_cpu or (not flat.is_cpu and flat.device != tensors[0].device)):
+        raise ConfigError(f"unpack: flat is on {flat.device}, the tensors on {tensors[0].device}; one device per call")
+    total = sum(sum(sizes) for _, _, sizes in runs)
     if flat.numel() != total or not flat.is_contiguous():
         raise ConfigError(f"unpack's flat tensor has {flat.numel()} elements (contiguous: {flat.is_contiguous()}); "
                           f"the tensors hold {total}")
-    for i, t in enumerate(tensors):
-        if not t.is_contiguous():
-            raise ConfigError(f"unpack writes in place, so tensor {i} (shape {tuple(t.shape)}) must be contiguous")
     offset, esize = 0, flat.element_size()
-    for run in _runs(tensors):
-        args = (flat.data_ptr() + offset * esize, _dt(flat.dtype), [t.data_ptr() for t in run],
-                [t.numel() for t in run], _dt(run[0].dtype), float(scale), bool(accumulate))
+    for run_dtype, ptrs, sizes in runs:
+        args = (flat.data_ptr() + offset * esize, _dt(flat.dtype), ptrs, sizes, _dt(run_dtype), float(scale),
+                bool(accumulate))
         if flat.device.type == "cuda":
             _cuda.backend("unpack").unpack_cuda(*args, torch.cuda.current_stream(flat.device).cuda_stream)
         else:
             _k().unpack(*args, _threads(threads))
-        offset += sum(t.numel() for t in run)
+        offset += sum(sizes)
 
 
 def multi_tensor_norm(tensors: Sequence[torch.Tensor], norm_type: float = 2.0,
