@@ -17,6 +17,7 @@ a pointer, so NVRTC launches pass only pointers and scalars.
 from __future__ import annotations
 
 import ctypes
+import functools
 import glob
 import os
 import re
@@ -202,13 +203,19 @@ def _k():
     return _C.kernels
 
 
+@functools.lru_cache(maxsize=None)
+def _layout() -> dict:
+    return _k().cuda_layout()
+
+
 def _tname(dt) -> str:
     return _TYPES[dt.name]
 
 
-def _device_blob(blob: bytes, stream: int):
-    """The bytes in device memory on `stream`'s device (kept alive by the caller until launched;
-    torch's caching allocator orders the reuse after the launch on the same stream)."""
+def _device_blob(blob: bytes):
+    """The bytes in device memory, copied on torch's current stream (the one the kernels run
+    on; kept alive by the caller until launched, and the caching allocator orders any reuse
+    after the launch on that stream)."""
     import torch
     host = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
     return host.to(torch.device("cuda", torch.cuda.current_device()))
@@ -221,14 +228,14 @@ def _multi(kernel: str, slots: Sequence[Sequence[int]], numel: Sequence[int], ex
     plans = _k().cuda_plan([list(s) for s in slots], list(numel))
     if not plans:
         return 0
-    size = _k().cuda_layout()["launch_size"]
+    size = _layout()["launch_size"]
     blob = b"".join(p for p, _ in plans) + args_blob
-    dev = _device_blob(blob, stream)
+    dev = _device_blob(blob)
     base = dev.data_ptr()
     pre = [_Ptr(base + len(plans) * size)] if args_blob else []
     blocks = 0
     for i, (_, nb) in enumerate(plans):
-        _launch(kernel, (nb,), (_k().cuda_layout()["threads"],), [_Ptr(base + i * size)] + pre + extra(blocks),
+        _launch(kernel, (nb,), (_layout()["threads"],), [_Ptr(base + i * size)] + pre + extra(blocks),
                 stream)
         blocks += nb
     return blocks
@@ -274,7 +281,7 @@ def unpack_cuda(flat, flat_dtype, dst, numel, dst_dtype, scale, accumulate, stre
 def norm_cuda(x, numel, dtype, part_sq, part_max, inf, out, stream) -> None:
     blocks = _multi(f"normKernelRtc<{_tname(dtype)}>", [x], numel,
                     lambda base: [_Ptr(part_sq), _Ptr(part_max), _I32(base)], stream)
-    _launch("normFinishKernel", (1,), (_k().cuda_layout()["threads"],),
+    _launch("normFinishKernel", (1,), (_layout()["threads"],),
             [_Ptr(part_sq), _Ptr(part_max), _I32(blocks), _I32(1 if inf else 0), _Ptr(out)], stream)
 
 
@@ -283,7 +290,7 @@ def _grid(elements: int) -> int:
 
 
 def _col_grid(rows: int, n: int):
-    lay = _k().cuda_layout()
+    lay = _layout()
     return ((n + lay["col_tile"] - 1) // lay["col_tile"], _k().cuda_col_chunks(rows)), (lay["col_tile"],
                                                                                          lay["col_rows"])
 
@@ -305,7 +312,7 @@ def gelu_backward_cuda(dtype, dy, x, b, dx, db, part, rows, n, stream) -> None:
 
 def layer_norm_forward_cuda(dtype, x, w, b, y, mean, rstd, rows, n, eps, stream) -> None:
     if rows:
-        per = _k().cuda_layout()["rows_per_warp_block"]
+        per = _layout()["rows_per_warp_block"]
         _launch(f"lnFwdKernel<{_tname(dtype)}>", ((rows + per - 1) // per,), (32, per),
                 [_Ptr(x), _Ptr(w), _Ptr(b), _Ptr(y), _Ptr(mean), _Ptr(rstd), rows, _I32(n), float(eps)], stream)
 
@@ -314,7 +321,7 @@ def layer_norm_backward_cuda(dtype, dy, x, w, mean, rstd, dx, dw, db, part, rows
     if not n:
         return
     t = _tname(dtype)
-    per = _k().cuda_layout()["rows_per_warp_block"]
+    per = _layout()["rows_per_warp_block"]
     if rows:
         _launch(f"lnBwdKernel<{t}>", ((rows + per - 1) // per,), (32, per),
                 [_Ptr(dy), _Ptr(x), _Ptr(w), _Ptr(mean), _Ptr(rstd), _Ptr(dx), rows, _I32(n)], stream)
