@@ -71,11 +71,43 @@ def run(opt_cls, kwargs, shapes, steps, seed, dtype=torch.float32, skip=None, **
     return params, opt
 
 
+def l2_rounding_reach(opt_cls, kwargs, shapes, steps, seed):
+    """Per element, how far one float32 rounding of Adam's L2-decayed gradient g + wd * p can
+    move the float64 update, summed over the steps (zero where there is no L2 decay).
+
+    Where g and wd * p cancel to about eps, the step lr * m / (sqrt(v) + eps) turns on the few
+    bits left (seen: g + wd * p = 6e-7 with eps = 1e-6, where rounding g + wd * p once moved
+    the update 5e-6, in torch by 2e-6). The derivative of the step with respect to the decayed
+    gradient is at most about 2 * lr / (sqrt(v_hat) + eps), and one rounding of the sum and
+    one of the product (or of wd itself) change it by at most 2^-23 * (|g| + |wd * p|)."""
+    wd = kwargs.get("weight_decay", 0.0)
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=g).double() for s in shapes]
+    reach = [torch.zeros_like(p) for p in params]
+    if opt_cls is not FusedAdam or not wd:
+        return reach
+    lr, eps = kwargs["lr"], kwargs.get("eps", 1e-8)
+    b1, b2 = kwargs.get("betas", (0.9, 0.999))
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    for k in range(1, steps + 1):
+        for i, p in enumerate(params):
+            grad = torch.randn(p.shape, generator=g).double()
+            decayed = grad + wd * p
+            m[i] = b1 * m[i] + (1 - b1) * decayed
+            v[i] = b2 * v[i] + (1 - b2) * decayed * decayed
+            denom = (v[i] / (1 - b2 ** k)).sqrt() + eps
+            reach[i] += 2 * lr * 2.0 ** -23 * (grad.abs() + (wd * p).abs()) / denom
+            p -= lr * (m[i] / (1 - b1 ** k)) / denom
+    return reach
+
+
 @pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
 @pytest.mark.parametrize("shapes", list(SHAPES), ids=list(SHAPES))
 def test_float32_matches_torch(cfg, shapes):
     fused, ref, kw = cfg
-    seed = int.from_bytes(os.urandom(4), "little")  # fresh inputs every run
+    # Fresh inputs every run; DTRAIN_TEST_SEED replays the seed a failure names.
+    seed = int(os.environ.get("DTRAIN_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
     for steps, bound in ((1, 4), (20, 32)):
         mine, _ = run(fused, kw, SHAPES[shapes], steps, seed)
         theirs, _ = run(ref, kw, SHAPES[shapes], steps, seed)
@@ -87,13 +119,17 @@ def test_float32_matches_torch(cfg, shapes):
             # the L2 term cancels the grad to ~1e-6 and eps = 1e-6 sets the step). There each
             # element must be within the bound, or within 1e-3 of a learning rate per step, of
             # the float64 update; torch's own result must pass the same test.
+            # Where Adam's L2 term cancels the grad to about eps, the update is ill-conditioned:
+            # the tolerance there also holds what one rounding of g + wd * p can do (see
+            # l2_rounding_reach).
             exact, _ = run(ref, kw, SHAPES[shapes], steps, seed, dtype=torch.float64)
+            reach = l2_rounding_reach(fused, kw, SHAPES[shapes], steps, seed)
             slack = 1e-3 * kw["lr"] * steps
             for name, got in (("dtrain", mine), ("torch", theirs)):
-                for a, e in zip(got, exact):
+                for a, e, r in zip(got, exact, reach):
                     a64, e64 = a.detach().double(), e.detach()
                     scale = torch.maximum(a64.abs(), e64.abs()).clamp_min(0.5)
-                    tol = torch.clamp(bound * torch.pow(2.0, torch.floor(torch.log2(scale)) - 23), min=slack)
+                    tol = torch.clamp(bound * torch.pow(2.0, torch.floor(torch.log2(scale)) - 23), min=slack) + r.reshape(a64.shape)
                     assert ((a64 - e64).abs() <= tol).all(), (
                         f"{name} is {float((a64 - e64).abs().max())} from the float64 update after {steps} steps "
                         f"(dtrain and torch {worst} ulps apart); seed {seed}")
