@@ -52,6 +52,7 @@ _WIRE = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 _FUSABLE = (torch.float32, torch.float16, torch.bfloat16)  # dtypes dtrain.ops.unpack takes
+_SOLO_BYTES = 1 << 20  # uncompressed gradients this large are reduced in place, in a bucket of their own
 
 
 class _Bucket:
@@ -123,12 +124,20 @@ class _Reducer:
     # ---- buckets
     def _build(self, order: List[int]) -> None:
         """Buckets over parameter indices in `order`, one dtype (and device) per bucket; a bucket
-        closes when the next parameter would take it past bucket_bytes."""
+        closes when the next parameter would take it past bucket_bytes. Uncompressed, a parameter
+        of _SOLO_BYTES or more (or half a bucket, for small buckets) gets a bucket of its own and
+        is reduced where autograd left it: copying it into a bucket and back costs two passes over
+        its bytes, a collective of its own a few microseconds."""
         spans: List[list] = []  # [indices, bytes], in the order the buckets opened
         open_: Dict[tuple, list] = {}
+        solo_bytes = min(_SOLO_BYTES, self.bucket_bytes // 2) if self.compression is None else None
         for i in order:
             p = self.params[i]
             key, nbytes = (p.dtype, p.device), p.numel() * p.element_size()
+            if solo_bytes is not None and nbytes >= max(solo_bytes, 1):
+                spans.append([[i], nbytes])
+                open_.pop(key, None)  # what comes after it opens a new bucket, launched after it
+                continue
             cur = open_.get(key)
             if cur is None or (cur[0] and cur[1] + nbytes > self.bucket_bytes):
                 cur = [[], 0]

@@ -249,3 +249,29 @@ def fp16_scale_range(factors):
         (p * weights[r] * c).sum().backward()
         errors.append(((p.grad.double() - exact).abs().max() / exact.abs().max()).item())
     return errors, strategy.reducer.fp32_redos
+
+
+def big_gradient_parity(steps):
+    """A model with one gradient over 1 MiB under the default bucket size: that gradient is
+    reduced in .grad itself (its own bucket), the small ones in a shared bucket, and training
+    still equals one process on the whole batch. Returns (max |param diff|, in-place
+    reductions, the bucket layout as parameter-count lists)."""
+    torch.set_num_threads(1)
+    strategy = dtrain.AllReduceStrategy()
+    r, w = strategy.rank, strategy.world_size
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 4100), nn.ReLU(), nn.Linear(4100, 10))
+
+    model, ref = make(), make()
+    opt, ref_opt = make_opt("sgd", model.parameters()), make_opt("sgd", ref.parameters())
+    model, opt = strategy.prepare(model, opt)
+    for step in range(steps):
+        x, y = batch(step)
+        for m, o, xs, ys in ((model, opt, shard(x, r, w), shard(y, r, w)), (ref, ref_opt, x, y)):
+            o.zero_grad()
+            F.cross_entropy(m(xs), ys).backward()
+            o.step()
+    diff = max((p - q).abs().max().item() for p, q in zip(model.parameters(), ref.parameters()))
+    return diff, strategy.reducer.inplace_reductions, [d["params"] for d in strategy.reducer.describe()]

@@ -36,6 +36,18 @@ def test_parity_fp32(world, opt, bucket_mb):
     assert len({o[0] for o in out}) == 1, "ranks ended with different parameters"
 
 
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("world", [2, 3])
+def test_large_gradient_reduced_in_place_at_default_bucket_size(world):
+    out = ranks(sw.big_gradient_parity, world, STEPS, timeout=180)
+    for diff, inplace, layout in out:
+        assert diff <= FP32_TOL, f"parameters differ from one process by {diff}"
+        # Linear(64, 4100)'s weight (1.05 MB) alone; the last layer's 41 K floats (164 KB) and the biases packed
+        assert sorted(layout) == [1, 3], layout
+        assert inplace == STEPS, f"the 1 MB gradient must be reduced in .grad every step, was {inplace}/{STEPS} times"
+    assert len({o[0] for o in out}) == 1, "ranks ended with different parameters"
+
+
 def wire_bound(world, unit, grads, lr=0.05, momentum=0.9):
     """The drift fp16/bf16 may cause, derived for SGD with momentum.
 

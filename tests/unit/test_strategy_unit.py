@@ -143,3 +143,33 @@ def test_allreduce_strategy_single_process_is_plain_training():
     assert torch.equal(model.weight.grad, ref.weight.grad)
     with pytest.raises(dtrain.ConfigError, match="takes a torch.nn.Module"):
         dtrain.AllReduceStrategy().prepare("model")
+
+
+class _TwoRanks:
+    size = 2  # all the reducer reads of its group while it builds buckets
+
+
+@pytest.mark.parametrize("bucket_mb,compression,layout", [
+    # 1 MiB and larger alone (reduced in .grad); the small ones between them share buckets
+    (25, None, [["head.bias", "head.weight"], ["big.weight"], ["small.bias", "small.weight", "tiny.weight"]]),
+    # small buckets: half a bucket is enough to stand alone
+    (0.004, None, [["head.bias"], ["head.weight"], ["big.weight"], ["small.bias"], ["small.weight"],
+                   ["tiny.weight"]]),
+    # a compressed wire packs everything (the cast happens in the bucket)
+    (25, "fp16", [["head.bias", "head.weight", "big.weight", "small.bias", "small.weight", "tiny.weight"]]),
+])
+def test_large_gradients_get_buckets_of_their_own(bucket_mb, compression, layout):
+    from dtrain.parallel.data_parallel import _Reducer
+    model = torch.nn.ModuleDict({
+        "tiny": torch.nn.Linear(3, 1, bias=False),  # 12 bytes
+        "small": torch.nn.Linear(40, 20),  # 3.2 KB + 80 B
+        "big": torch.nn.Linear(1024, 256, bias=False),  # exactly 1 MiB
+        "head": torch.nn.Linear(100, 30),  # 12 KB + 120 B
+    })
+    names = [n for n, _ in model.named_parameters()]
+    r = _Reducer(list(model.parameters()), _TwoRanks(), int(bucket_mb * (1 << 20)), compression, False, True)
+    try:
+        assert [[names[i] for i in b.params] for b in r.buckets] == layout
+        assert all(r._solo(b) == (len(b.params) == 1 and compression is None) for b in r.buckets)
+    finally:
+        r.remove()
