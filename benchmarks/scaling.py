@@ -4,11 +4,12 @@
     python benchmarks/scaling.py --quick --out bench-out
 
 Two models, weak scaling (the per-rank batch stays fixed):
-  * compute-bound: a small ResNet on 32x32 synthetic images (about 0.3M parameters);
+  * compute-bound: a small ResNet on 32x32 synthetic images (about 0.08M parameters);
   * communication-heavy: a wide MLP of about 25M parameters on a small batch.
 Every process runs one intra-op thread, so 2 ranks use the 2 cores of this machine.
 Reports samples/s, the speed-up over DDP-gloo at the same rank count, and scaling
-efficiency T(n) / (n * T(1)) against one plain-PyTorch process. Writes scaling.md,
+efficiency T(n) / (n * T(1)) against one plain-PyTorch process, next to n plain processes
+that never communicate (what the shared machine alone costs). Writes scaling.md,
 scaling.json and scaling.png into --out.
 """
 
@@ -28,7 +29,9 @@ MODELS = {
     "resnet (compute-bound)": ("resnet", 32, (3, 32, 32), 10),
     "mlp-25M (communication-heavy)": ("mlp", 16, (1024,), 1024),
 }
-PEERS = ["torch-1proc", "dtrain", "dtrain-fp16", "ddp-gloo"]
+# no-comm: n plain-PyTorch processes at once that never talk, the ceiling this machine itself
+# puts on weak scaling (shared memory bandwidth, caches, clocks) before any communication.
+PEERS = ["torch-1proc", "no-comm", "dtrain", "dtrain-fp16", "ddp-gloo"]
 _KEEP = []
 
 
@@ -120,12 +123,12 @@ def measure(peer, ranks, name, quick):
     kind, batch, shape, classes = MODELS[name]
     steps = (10 if quick else 40) if kind == "mlp" else (10 if quick else 30)
     warmup = 3
-    if peer == "torch-1proc":
-        if ranks != 1:
+    if peer in ("torch-1proc", "no-comm"):
+        if (ranks == 1) != (peer == "torch-1proc"):
             return None
         import dtrain.launch
-        sec = dtrain.launch.run(one_process, nprocs=1, args=(kind, batch, shape, classes, steps, warmup),
-                                timeout=900)[0]
+        sec = max(dtrain.launch.run(one_process, nprocs=ranks, args=(kind, batch, shape, classes, steps, warmup),
+                                    timeout=900))
     else:
         if ranks == 1:
             return None
@@ -151,7 +154,7 @@ def plot(results, ranks_list, path):
         peers = [p for p in PEERS if p != "torch-1proc"]
         xs = range(len(peers))
         vals = [rows.get(f"{p}@{ranks_list[-1]}", {}).get("samples_per_s", 0) for p in peers]
-        ax.bar(xs, vals, color=["#2a7", "#4b9", "#c66"])
+        ax.bar(xs, vals, color=["#999", "#2a7", "#4b9", "#c66"][-len(peers):])
         base = rows.get("torch-1proc@1", {}).get("samples_per_s")
         if base:
             ax.axhline(base * ranks_list[-1], ls="--", c="k", lw=1, label=f"ideal {ranks_list[-1]}x one process")
@@ -203,7 +206,8 @@ def main(argv=None):
     cores = os.cpu_count()
     lines = [f"## Training-step scaling, 1 vs {args.ranks} ranks ({cores} cores; one intra-op thread per process)",
              "", "Weak scaling: the per-rank batch is fixed; efficiency = samples/s(n) / (n * samples/s of one "
-             "plain-PyTorch process).", ""]
+             "plain-PyTorch process); no-comm is that many plain processes at once that never communicate, "
+             "the most this machine allows.", ""]
     lines += ["| model | params | peer | ranks | ms/step | samples/s | vs DDP-gloo | efficiency |",
               "|---|---|---|---|---|---|---|---|"]
     summary = {}
@@ -216,7 +220,7 @@ def main(argv=None):
             peer, ranks = key.split("@")
             ranks = int(ranks)
             eff = r["samples_per_s"] / (ranks * base) if base else None
-            vs = r["samples_per_s"] / gloo if gloo and ranks > 1 else None
+            vs = r["samples_per_s"] / gloo if gloo and ranks > 1 and peer != "no-comm" else None
             r.update({"efficiency": eff, "vs_ddp_gloo": vs})
             lines.append(f"| {name} | {nparams / 1e6:.2f}M | {peer} | {ranks} | {r['sec_per_step'] * 1e3:.1f} | "
                          f"{r['samples_per_s']:.0f} | {f'{vs:.2f}x' if vs else '-'} | "
