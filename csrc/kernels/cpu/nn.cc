@@ -104,7 +104,7 @@ void layerNormBackward(DType dt, const void* dy, const void* x, const void* weig
   byRows(rows, n, threads, [&](int t, int64_t r0, int64_t r1) {
     pw[t].assign(n, 0.0);
     pb[t].assign(n, 0.0);
-    std::vector<uint8_t> scratch(3 * n * elem(dt));
+    std::vector<uint8_t> scratch(2 * n * elem(dt));
     constexpr int64_t kBlock = 64;
     for (int64_t r = r0; r < r1; r += kBlock)
       k.lnBwd(dt, dy, x, weight, mean, rstd, dx, pw[t].data(), pb[t].data(), r, std::min(r1, r + kBlock), n,
