@@ -13,8 +13,11 @@ import shutil
 import subprocess
 import sys
 
+import re
+
 from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ParallelCompile("MAX_JOBS", default=os.cpu_count() or 1).install()
 
@@ -86,6 +89,30 @@ class BuildExt(build_ext):
         super().build_extension(ext)
 
 
+def _nvrtc_sources(rel="kernels/cuda/device.cuh", seen=None):
+    """device.cuh and every header it includes with quotes, transitively (paths under csrc/):
+    the text dtrain.ops._nvrtc hands NVRTC on a machine whose dtrain was built without nvcc."""
+    seen = [] if seen is None else seen
+    if rel not in seen:
+        seen.append(rel)
+        with open(os.path.join(ROOT, "csrc", rel)) as f:
+            for inc in re.findall(r'^#include "([^"]+)"', f.read(), flags=re.M):
+                _nvrtc_sources(inc, seen)
+    return seen
+
+
+class BuildPy(build_py):
+    """Also ships the CUDA kernel sources as dtrain/_csrc, where dtrain.ops._nvrtc looks for
+    them in an install that is not the source tree (a wheel, pip install .)."""
+
+    def run(self):
+        super().run()
+        for rel in _nvrtc_sources():
+            dst = os.path.join(self.build_lib, "dtrain", "_csrc", rel)
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            shutil.copyfile(os.path.join(ROOT, "csrc", rel), dst)
+
+
 def _check_zlib():
     """zlib's header must be there: the TFRecord reader inflates gzip/zlib files with it."""
     for d in ("/usr/include", "/usr/local/include", os.path.join(os.environ.get("CONDA_PREFIX", "/nonexistent"),
@@ -122,4 +149,4 @@ ext = Pybind11Extension(
     libraries=["rt", "z"],
 )
 
-setup(ext_modules=[ext], cmdclass={"build_ext": BuildExt})
+setup(ext_modules=[ext], cmdclass={"build_ext": BuildExt, "build_py": BuildPy})

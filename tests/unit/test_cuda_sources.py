@@ -4,7 +4,11 @@ tensor once, and the argument layouts Python builds match the C++ structs.
 
 nvcc's build of the same sources happens in setup.py (CI compiles it on every run)."""
 
+import importlib.util
+import os
 import struct
+import subprocess
+import sys
 
 import pytest
 
@@ -46,6 +50,21 @@ def test_source_inlines_each_header_once():
     assert '#include "' not in src
     assert src.count("struct Launch {") == 1 and src.count("struct AdamArgs {") == 1
     assert "#include <cuda_fp16.h>" in src
+
+
+def test_an_install_outside_the_source_tree_carries_the_kernel_source(tmp_path):
+    """setup.py's build_py puts device.cuh and its headers in dtrain/_csrc; _nvrtc, loaded from
+    that built package, reads the same text from there as it does from csrc/ here."""
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = tmp_path / "lib"
+    subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(out)], cwd=repo, check=True,
+                   capture_output=True, timeout=120)
+    assert (out / "dtrain" / "_csrc" / "kernels" / "cuda" / "device.cuh").exists()
+    spec = importlib.util.spec_from_file_location("built_nvrtc", out / "dtrain" / "ops" / "_nvrtc.py")
+    built = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(built)
+    assert built._csrc() == str(out / "dtrain" / "_csrc")
+    assert built.source() == _nvrtc.source()
 
 
 def _decode(blob, lay):
