@@ -3,16 +3,25 @@
     dtrain-run -n 4 train.py --lr 0.1      # a .py file runs with this Python
     dtrain-run -n 2 python train.py        # any other command runs as given
     dtrain-run -n 2 -m package.module      # like python -m
+
+One launcher per node (Slurm's srun, a Kubernetes pod per node; torchrun's flags):
+
+    dtrain-run --nnodes 2 --node-rank 0 --master-addr 10.0.0.1 --master-port 29500 -n 4 train.py   # on host A
+    dtrain-run --nnodes 2 --node-rank 1 --master-addr 10.0.0.1 --master-port 29500 -n 4 train.py   # on host B
+
+Export the same DTRAIN_JOB_TOKEN on every node so connections are authenticated.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from typing import List, Optional
 
-from dtrain.launch.local import LocalJob
+from dtrain.errors import DtrainError
+from dtrain.launch.local import LocalJob, Node
 
 
 def build_command(args: argparse.Namespace) -> List[str]:
@@ -31,13 +40,18 @@ def parser() -> argparse.ArgumentParser:
         prog="dtrain-run", description="Run a training script on N processes with dtrain's env contract.",
         epilog="Every output line is prefixed with its rank. When one rank fails, the others are stopped "
                "within seconds and the launcher exits with that rank's status.")
-    p.add_argument("-n", "--np", "--nproc", dest="nprocs", type=int, default=1,
-                   help="number of processes (default 1)")
+    p.add_argument("-n", "--np", "--nproc", "--nproc-per-node", dest="nprocs", type=int, default=1,
+                   help="number of processes this launcher starts (per node with --nnodes; default 1)")
     p.add_argument("-m", dest="module", help="run a module, as python -m does")
     p.add_argument("--no-prefix", action="store_true", help="do not prefix output lines with the rank")
     p.add_argument("--timeout", type=float, default=None, help="stop the job after this many seconds")
     p.add_argument("--grace", type=float, default=3.0,
                    help="seconds between SIGTERM and SIGKILL when stopping ranks (default 3)")
+    g = p.add_argument_group("one launcher per node")
+    g.add_argument("--nnodes", type=int, default=1, help="nodes in the job, each running this launcher (default 1)")
+    g.add_argument("--node-rank", type=int, default=0, help="this node's number, 0..nnodes-1 (0: the master's host)")
+    g.add_argument("--master-addr", default=None, help="node 0's address, reachable from every node")
+    g.add_argument("--master-port", type=int, default=29500, help="the rendezvous port on node 0 (default 29500)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="script.py [args] | command [args]")
     return p
 
@@ -46,7 +60,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser().parse_args(argv)
     if args.nprocs < 1:
         raise SystemExit(f"dtrain-run: -n must be at least 1, got {args.nprocs}")
-    job = LocalJob(build_command(args), args.nprocs, prefix=not args.no_prefix, grace=args.grace)
+    node = None
+    if args.nnodes != 1 or args.node_rank != 0 or args.master_addr is not None:
+        node = Node(args.nnodes, args.node_rank, args.master_addr or "", args.master_port)
+    try:
+        job = LocalJob(build_command(args), args.nprocs, prefix=not args.no_prefix, grace=args.grace, node=node)
+    except DtrainError as e:
+        raise SystemExit(f"dtrain-run: {e}") from None
+    if node is not None and node.nnodes > 1 and not os.environ.get("DTRAIN_JOB_TOKEN"):
+        sys.stderr.write("dtrain-run: DTRAIN_JOB_TOKEN is not set, so the nodes' connections are not "
+                         "authenticated: export the same random token on every node "
+                         "(python -c 'import secrets; print(secrets.token_hex(32))')\n")
 
     def forward(signum, _frame):
         # Ctrl-C (or a scheduler's SIGTERM) stops everyone, not just the launcher.
@@ -56,7 +80,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
-    job.start()
+    try:
+        job.start()
+    except DtrainError as e:
+        raise SystemExit(f"dtrain-run: {e}") from None
     code = job.wait(timeout=args.timeout)
     sys.exit(code)
 

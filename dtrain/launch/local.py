@@ -4,11 +4,19 @@ The launcher binds the rendezvous port itself and hands the listening socket to
 rank 0 (DTRAIN_STORE_FD), so the port it advertises can never be taken by
 another job in between. Each rank runs in its own session so that signals reach
 exactly the processes we mean.
+
+With a `Node` (one launcher per host: `dtrain-run --nnodes/--node-rank`, as torchrun
+does) the launcher starts this node's share of a larger world: global ranks
+node_rank * nprocs ... + nprocs - 1, all meeting at the master address; node 0 binds
+the master port. A failure stops this node's ranks; the other nodes' ranks learn it
+from the collectives (a dead peer is an error naming its rank within seconds) and
+their launchers stop in turn.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import secrets
 import signal
@@ -42,48 +50,99 @@ def describe_exit(code: int) -> str:
 
 
 def job_env(rank: int, size: int, port: int, token: str, base: Optional[Dict[str, str]] = None,
-            addr: str = "127.0.0.1") -> Dict[str, str]:
-    """The env contract for one local rank (dtrain's names, and torchrun's for torch.distributed)."""
+            addr: str = "127.0.0.1", local_rank: Optional[int] = None, local_size: Optional[int] = None,
+            host_id: Optional[str] = None) -> Dict[str, str]:
+    """The env contract for one rank (dtrain's names, and torchrun's for torch.distributed).
+    Local rank and size default to the global ones (every rank on this host)."""
+    local_rank = rank if local_rank is None else local_rank
+    local_size = size if local_size is None else local_size
     env = dict(os.environ if base is None else base)
     env.update({
         "DTRAIN_RANK": str(rank), "DTRAIN_WORLD_SIZE": str(size),
-        "DTRAIN_LOCAL_RANK": str(rank), "DTRAIN_LOCAL_SIZE": str(size),
+        "DTRAIN_LOCAL_RANK": str(local_rank), "DTRAIN_LOCAL_SIZE": str(local_size),
         "DTRAIN_MASTER_ADDR": addr, "DTRAIN_MASTER_PORT": str(port), "DTRAIN_JOB_TOKEN": token,
-        "RANK": str(rank), "WORLD_SIZE": str(size), "LOCAL_RANK": str(rank),
-        "LOCAL_WORLD_SIZE": str(size), "MASTER_ADDR": addr, "MASTER_PORT": str(port),
+        "RANK": str(rank), "WORLD_SIZE": str(size), "LOCAL_RANK": str(local_rank),
+        "LOCAL_WORLD_SIZE": str(local_size), "MASTER_ADDR": addr, "MASTER_PORT": str(port),
         "PYTHONUNBUFFERED": "1",
     })
+    if host_id is not None:
+        env["DTRAIN_HOST_ID"] = host_id
     env.pop("DTRAIN_STORE_FD", None)
     return env
 
 
-def store_listener(addr: str = "127.0.0.1") -> socket.socket:
-    """A listening socket on a free port, to be inherited by rank 0."""
+def store_listener(addr: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """A listening socket (on a free port unless one is given), to be inherited by rank 0."""
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.bind((addr, 0))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((addr, port))
+    except OSError as e:
+        s.close()
+        raise DtrainError(f"dtrain-run could not listen on {addr or '*'}:{port} for the rendezvous ({e.strerror}): "
+                          "another job may hold the port; pick a free one with --master-port") from None
     s.listen(128)
     return s
+
+
+@dataclasses.dataclass
+class Node:
+    """This launcher's place in a multi-node job (one launcher per host)."""
+    nnodes: int
+    node_rank: int
+    master_addr: str
+    master_port: int
+
+    def check(self) -> None:
+        if self.nnodes < 1:
+            raise DtrainError(f"--nnodes must be at least 1, got {self.nnodes}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise DtrainError(f"--node-rank {self.node_rank} is outside 0..{self.nnodes - 1} (--nnodes "
+                              f"{self.nnodes}): number the nodes 0 to nnodes-1, node 0 on the master's host")
+        if not 0 < self.master_port < 65536:
+            raise DtrainError(f"--master-port {self.master_port} is not a TCP port (1..65535)")
+        if not self.master_addr:
+            raise DtrainError("--nnodes > 1 needs --master-addr: the address of node 0's host, which every "
+                              "node can reach")
 
 
 class LocalJob:
     """N processes of one command, output prefixed with the rank, stopped together."""
 
     def __init__(self, command: List[str], nprocs: int, prefix: bool = True, grace: float = 3.0,
-                 out=None, err=None):
+                 out=None, err=None, node: Optional[Node] = None):
         self.command, self.nprocs, self.prefix, self.grace = command, nprocs, prefix, grace
         self.out, self.err = out or sys.stdout, err or sys.stderr
+        if node is not None:
+            node.check()
+        self.node = node
+        self.first_rank = node.node_rank * nprocs if node else 0  # global rank of local process 0
+        self.world = node.nnodes * nprocs if node else nprocs
         self.procs: List[subprocess.Popen] = []
         self.tails = [collections.deque(maxlen=TAIL_LINES) for _ in range(nprocs)]
         self._pumps: List[threading.Thread] = []
         self._write_lock = threading.Lock()
 
     def start(self) -> None:
-        token = os.environ.get("DTRAIN_JOB_TOKEN") or secrets.token_hex(32)
-        listener = store_listener()
-        port = listener.getsockname()[1]
+        node = self.node
+        if node is None:
+            token = os.environ.get("DTRAIN_JOB_TOKEN") or secrets.token_hex(32)
+            listener = store_listener()
+            addr, port, host_id = "127.0.0.1", listener.getsockname()[1], None
+        else:
+            # Every node must hold the same token; none can be made up here. Without one the
+            # ranks derive a public one and rank 0 warns (see dtrain.comm.rendezvous).
+            token = os.environ.get("DTRAIN_JOB_TOKEN", "")
+            listener = store_listener("", node.master_port) if node.node_rank == 0 else None
+            addr, port = node.master_addr, node.master_port
+            # Ranks with one host id share memory; this node's ranks are one host, whatever the
+            # machine (two node launchers on one machine, as in the test bed, talk TCP).
+            host_id = os.environ.get("DTRAIN_HOST_ID") or f"node{node.node_rank}"
         try:
-            for rank in range(self.nprocs):
-                env = job_env(rank, self.nprocs, port, token)
+            for i in range(self.nprocs):
+                rank = self.first_rank + i
+                env = job_env(rank, self.world, port, token, addr=addr, local_rank=i, local_size=self.nprocs,
+                              host_id=host_id)
                 fds = ()
                 if rank == 0:
                     env["DTRAIN_STORE_FD"] = str(listener.fileno())
@@ -92,19 +151,26 @@ class LocalJob:
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                 self.procs.append(p)
                 for stream, sink in ((p.stdout, self.out), (p.stderr, self.err)):
-                    t = threading.Thread(target=self._pump, args=(rank, stream, sink), daemon=True)
+                    t = threading.Thread(target=self._pump, args=(i, stream, sink), daemon=True)
                     t.start()
                     self._pumps.append(t)
         except OSError as e:
             self.kill_all(signal.SIGKILL)
             raise DtrainError(f"dtrain-run could not start {self.command[0]!r}: {e}") from None
         finally:
-            listener.close()  # rank 0 holds its own copy now
+            if listener is not None:
+                listener.close()  # rank 0 holds its own copy now
 
-    def _pump(self, rank: int, stream, sink) -> None:
-        """Copies one rank's output, tagging each line. A segment ending in a carriage return
-        (a progress bar redrawing itself) goes out at once with its tag, so bars stay live."""
-        tag = f"[{rank}] " if self.prefix else ""
+    def tag(self, i: int) -> str:
+        """Output prefix of local process i: its rank, and its node in a multi-node job."""
+        rank = self.first_rank + i
+        return f"[node{self.node.node_rank}:{rank}] " if self.node and self.node.nnodes > 1 else f"[{rank}] "
+
+    def _pump(self, i: int, stream, sink) -> None:
+        """Copies local process i's output, tagging each line. A segment ending in a carriage
+        return (a progress bar redrawing itself) goes out at once with its tag, so bars stay live."""
+        tag = self.tag(i) if self.prefix else ""
+        rank = i
         pending = b""
         while True:
             chunk = stream.read1(65536) if hasattr(stream, "read1") else stream.read(1)
@@ -156,18 +222,18 @@ class LocalJob:
         start = time.monotonic()
         while True:
             codes = [p.poll() for p in self.procs]
-            failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+            failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
             if failed:
-                rank, code = failed[0]
+                i, code = failed[0]
                 self.kill_all()
                 self._drain()
-                self._report(rank, code)
+                self._report(i, code)
                 return code if code > 0 else 128 - code
             if all(c == 0 for c in codes):
                 self._drain()
                 return 0
             if timeout is not None and time.monotonic() - start > timeout:
-                running = [r for r, c in enumerate(codes) if c is None]
+                running = [self.first_rank + i for i, c in enumerate(codes) if c is None]
                 self.kill_all()
                 self._drain()
                 self.err.write(f"dtrain-run: timed out after {timeout} s; rank(s) {running} still running\n")
@@ -178,8 +244,11 @@ class LocalJob:
         for t in self._pumps:
             t.join(timeout=5)
 
-    def _report(self, rank: int, code: int) -> None:
-        lines = "\n".join(f"    [{rank}] {line}" for line in self.tails[rank]) or "    (no output)"
-        self.err.write(f"dtrain-run: rank {rank} failed ({describe_exit(code)}); stopped the other ranks. "
+    def _report(self, i: int, code: int) -> None:
+        rank = self.first_rank + i
+        where = f" on node {self.node.node_rank}" if self.node and self.node.nnodes > 1 else ""
+        others = "this node's other ranks" if where else "the other ranks"
+        lines = "\n".join(f"    {self.tag(i)}{line}" for line in self.tails[i]) or "    (no output)"
+        self.err.write(f"dtrain-run: rank {rank}{where} failed ({describe_exit(code)}); stopped {others}. "
                        f"Last lines of rank {rank}:\n{lines}\n")
         self.err.flush()

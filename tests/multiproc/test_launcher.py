@@ -82,3 +82,61 @@ def test_launch_run_returns_each_rank_result_and_reports_tracebacks():
     with pytest.raises(dtrain.launch.RankFailed) as info:
         dtrain.launch.run(int, nprocs=2, args=("not a number",), timeout=50)
     assert "ValueError" in str(info.value) and "Traceback" in str(info.value)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("args, message", [
+    (["--nnodes", "2", "--node-rank", "2", "--master-addr", "127.0.0.1"], "--node-rank 2 is outside 0..1"),
+    (["--nnodes", "2", "--node-rank", "1"], "--nnodes > 1 needs --master-addr"),
+    (["--nnodes", "0", "--master-addr", "127.0.0.1"], "--nnodes must be at least 1"),
+    (["--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", "70000"], "--master-port 70000 is not"),
+])
+def test_bad_node_flags_are_named(args, message):
+    p = subprocess.run([sys.executable, "-m", "dtrain.launch", *args, "-n", "1", sys.executable, "-c", "pass"],
+                       capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert p.returncode != 0 and message in p.stderr, p.stderr
+
+
+@pytest.mark.timeout(60)
+def test_node_zero_names_a_master_port_in_use(tmp_path):
+    import socket
+    busy = socket.create_server(("", 0))
+    port = busy.getsockname()[1]
+    try:
+        p = subprocess.run([sys.executable, "-m", "dtrain.launch", "--nnodes", "2", "--master-addr", "127.0.0.1",
+                            "--master-port", str(port), "-n", "1", sys.executable, "-c", "pass"],
+                           capture_output=True, text=True, timeout=30, cwd=REPO)
+    finally:
+        busy.close()
+    assert p.returncode != 0 and f"could not listen on *:{port}" in p.stderr and "--master-port" in p.stderr, p.stderr
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("per_node", [1, 2])
+def test_two_node_launchers_on_one_host_form_one_world(tmp_path, per_node):
+    """Two `--nnodes 2` launchers on this machine: global ranks by node, local ranks within it,
+    one host id per node (so the nodes talk TCP), and the sums over all four ranks are right."""
+    job = tmp_path / "job.py"
+    job.write_text(
+        "import os, torch, dtrain\n"
+        "dtrain.init(timeout=30)\n"
+        "t = torch.full((7,), float(dtrain.rank() + 1)); dtrain.allreduce(t)\n"
+        "world = dtrain.comm.group.current().world\n"
+        "peers = sorted(world.transport_to(j) for j in range(dtrain.world_size()) if j != dtrain.rank())\n"
+        "print('rank', dtrain.rank(), 'local', os.environ['LOCAL_RANK'], 'host', os.environ['DTRAIN_HOST_ID'],\n"
+        "      'sum', t.tolist() == [float(sum(range(1, dtrain.world_size() + 1)))] * 7, 'peers', peers, flush=True)\n")
+    port = str(20000 + os.getpid() % 20000)
+    env = dict(os.environ, DTRAIN_JOB_TOKEN="t0k3n")
+    env.pop("DTRAIN_HOST_ID", None)
+    procs = [subprocess.Popen([sys.executable, "-m", "dtrain.launch", "--nnodes", "2", "--node-rank", str(k),
+                               "--master-addr", "127.0.0.1", "--master-port", port, "-n", str(per_node), str(job)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+             for k in (1, 0)]  # node 1 first: its ranks wait for node 0's rendezvous
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    text = outs[0][0] + outs[1][0]
+    n = 2 * per_node
+    for r in range(n):
+        node, local = divmod(r, per_node)
+        peers = sorted(["shm"] * (per_node - 1) + ["tcp"] * per_node)
+        assert f"[node{node}:{r}] rank {r} local {local} host node{node} sum True peers {peers}" in text, text

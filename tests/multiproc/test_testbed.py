@@ -209,3 +209,71 @@ def test_collectives_across_hosts(tmp_path, hosts, per_host):
     transports = json.loads(out.read_text())["transports"]
     expect = {str(j): ("shm" if j // per_host == 0 else "tcp") for j in range(1, n)}
     assert transports == expect
+
+
+# ------------------------------------------------------------ one dtrain-run per node
+
+def _node_launchers(c, tmp_path, script, hosts, per_host, *args, env_extra=None):
+    """`dtrain-run --nnodes/--node-rank` started on every host of the test bed."""
+    env = dict(os.environ, PYTHONPATH=REPO, DTRAIN_JOB_TOKEN=secrets.token_hex(8), **(env_extra or {}))
+    for k in ("DTRAIN_STORE_FD", "DTRAIN_HOST_ID", "DTRAIN_RANK"):
+        env.pop(k, None)
+    port = str(20000 + secrets.randbelow(20000))
+    return [c.popen(h, [sys.executable, "-m", "dtrain.launch", "--nnodes", str(hosts), "--node-rank", str(h),
+                        "--master-addr", c.hosts[0].addr, "--master-port", port, "-n", str(per_host),
+                        str(script), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for h in range(hosts)]
+
+
+@pytest.mark.parametrize("hosts, per_host", [(2, 2), (3, 1)])
+def test_one_launcher_per_node(tmp_path, hosts, per_host):
+    """Each node's launcher starts its share of the ranks; together they form one world whose
+    ranks share memory within a node and talk TCP across nodes."""
+    job = tmp_path / "job.py"
+    job.write_text(_JOB + "print('rank', r, 'of', n, 'local', os.environ['DTRAIN_LOCAL_RANK'], flush=True)\n")
+    out = tmp_path / "out.json"
+    n = hosts * per_host
+    with tb.Cluster(hosts, rate="1gbit") as c:
+        launchers = _node_launchers(c, tmp_path, job, hosts, per_host, str(out))
+        logs = [p.communicate(timeout=120)[0] for p in launchers]
+        assert [p.returncode for p in launchers] == [0] * hosts, "\n".join(logs)
+    transports = json.loads(out.read_text())["transports"]
+    assert transports == {str(j): ("shm" if j // per_host == 0 else "tcp") for j in range(1, n)}
+    for h, log in enumerate(logs):
+        for k in range(per_host):
+            r = h * per_host + k
+            assert f"[node{h}:{r}] rank {r} of {n} local {k}" in log, log
+
+
+def test_a_rank_killed_on_one_node_stops_every_node(tmp_path):
+    """SIGKILL of rank 3 (on host 1) mid-training: both launchers exit non-zero within 20 s, and
+    node 0's ranks say which rank is gone."""
+    job = tmp_path / "job.py"
+    job.write_text(textwrap.dedent("""
+        import os, signal, sys, time, torch, dtrain
+        dtrain.init(timeout=30)
+        r = dtrain.rank()
+        t = torch.ones(10000)
+        for step in range(100000):
+            dtrain.allreduce(t)
+            t.fill_(1.0)
+            if step == 20:
+                print("steady", flush=True)
+                if r == 3:
+                    time.sleep(1)
+                    print("killing myself", flush=True)
+                    os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(0.01)
+    """))
+    with tb.Cluster(2) as c:
+        launchers = _node_launchers(c, tmp_path, job, 2, 2)
+        start = time.monotonic()
+        codes = [p.wait(timeout=90) for p in launchers]
+        took = time.monotonic() - start
+        logs = [p.stdout.read() for p in launchers]
+    assert all(code != 0 for code in codes), (codes, logs)
+    assert "killing myself" in logs[1], logs[1]
+    # killed ~1 s after step 20 (about 0.5 s in); the job must be gone well within 20 s of that
+    assert took < 25, f"the job took {took:.1f} s to stop after a rank died"
+    assert "rank 3" in logs[0] and "failed" in logs[0], logs[0]
+    assert "rank 3 on node 1 failed (killed by SIGKILL)" in logs[1], logs[1]
