@@ -52,6 +52,16 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--node-rank", type=int, default=0, help="this node's number, 0..nnodes-1 (0: the master's host)")
     g.add_argument("--master-addr", default=None, help="node 0's address, reachable from every node")
     g.add_argument("--master-port", type=int, default=29500, help="the rendezvous port on node 0 (default 29500)")
+    g.add_argument("--first-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by -H for its nodes
+    g.add_argument("--world-size", type=int, default=None, help=argparse.SUPPRESS)
+    h = p.add_argument_group("many hosts from here (as mpirun -H)")
+    h.add_argument("-H", "--hosts", dest="hosts", default=None,
+                   help="host1:slots,host2:slots: start a node launcher on each host (slots = its ranks)")
+    h.add_argument("--hostfile", default=None, help="Open MPI hostfile: 'host slots=N' per line")
+    h.add_argument("--remote-shell", default="ssh -o BatchMode=yes",
+                   help="how to run a command on a host: run as CMD HOST 'COMMAND' (default: ssh -o BatchMode=yes)")
+    h.add_argument("-x", dest="forward", action="append", default=[], metavar="NAME",
+                   help="forward this environment variable to every host (repeatable)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="script.py [args] | command [args]")
     return p
 
@@ -60,9 +70,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser().parse_args(argv)
     if args.nprocs < 1:
         raise SystemExit(f"dtrain-run: -n must be at least 1, got {args.nprocs}")
+    if args.hosts or args.hostfile:
+        return _many_hosts(args)
     node = None
     if args.nnodes != 1 or args.node_rank != 0 or args.master_addr is not None:
-        node = Node(args.nnodes, args.node_rank, args.master_addr or "", args.master_port)
+        node = Node(args.nnodes, args.node_rank, args.master_addr or "", args.master_port, args.first_rank,
+                    args.world_size)
     try:
         job = LocalJob(build_command(args), args.nprocs, prefix=not args.no_prefix, grace=args.grace, node=node)
     except DtrainError as e:
@@ -86,6 +99,37 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit(f"dtrain-run: {e}") from None
     code = job.wait(timeout=args.timeout)
     sys.exit(code)
+
+
+def _many_hosts(args: argparse.Namespace) -> int:
+    """-H / --hostfile: a node launcher on every host, started through the remote shell."""
+    from dtrain.launch import hosts as H
+    if args.hosts and args.hostfile:
+        raise SystemExit("dtrain-run: give -H or --hostfile, not both")
+    if args.nnodes != 1 or args.node_rank != 0:
+        raise SystemExit("dtrain-run: -H/--hostfile start every node themselves; drop --nnodes/--node-rank")
+    try:
+        hosts = H.parse_hosts(args.hosts) if args.hosts else H.parse_hostfile(args.hostfile)
+    except DtrainError as e:
+        raise SystemExit(f"dtrain-run: {e}") from None
+    command = build_command(args)
+    extra = ["--grace", str(args.grace)] + (["--no-prefix"] if args.no_prefix else [])
+    argvs = H.node_commands(hosts, command, args.master_addr or hosts[0][0], args.master_port, H.new_token(),
+                            args.remote_shell, extra, args.forward)
+    job = H.HostsJob(argvs, grace=args.grace)
+
+    def forward(signum, _frame):
+        sys.stderr.write(f"dtrain-run: got {signal.Signals(signum).name}, stopping every host\n")
+        job.stop()
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    try:
+        job.start()
+    except DtrainError as e:
+        raise SystemExit(f"dtrain-run: {e}") from None
+    sys.exit(job.wait(hosts, timeout=args.timeout))
 
 
 if __name__ == "__main__":

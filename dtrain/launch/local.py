@@ -92,6 +92,8 @@ class Node:
     node_rank: int
     master_addr: str
     master_port: int
+    first_rank: Optional[int] = None  # this node's first global rank (default: node_rank * nprocs)
+    world_size: Optional[int] = None  # all nodes' ranks (default: nnodes * nprocs); -H may differ per host
 
     def check(self) -> None:
         if self.nnodes < 1:
@@ -116,8 +118,11 @@ class LocalJob:
         if node is not None:
             node.check()
         self.node = node
-        self.first_rank = node.node_rank * nprocs if node else 0  # global rank of local process 0
-        self.world = node.nnodes * nprocs if node else nprocs
+        self.first_rank = 0 if node is None else node.node_rank * nprocs if node.first_rank is None else node.first_rank
+        self.world = nprocs if node is None else node.nnodes * nprocs if node.world_size is None else node.world_size
+        if not 0 <= self.first_rank <= self.world - nprocs:
+            raise DtrainError(f"ranks {self.first_rank}..{self.first_rank + nprocs - 1} do not fit a world of "
+                              f"{self.world}: check --first-rank/--world-size")
         self.procs: List[subprocess.Popen] = []
         self.tails = [collections.deque(maxlen=TAIL_LINES) for _ in range(nprocs)]
         self._pumps: List[threading.Thread] = []

@@ -277,3 +277,64 @@ def test_a_rank_killed_on_one_node_stops_every_node(tmp_path):
     assert took < 25, f"the job took {took:.1f} s to stop after a rank died"
     assert "rank 3" in logs[0] and "failed" in logs[0], logs[0]
     assert "rank 3 on node 1 failed (killed by SIGKILL)" in logs[1], logs[1]
+
+
+# ------------------------------------------------------------ dtrain-run -H / --hostfile from here
+
+_NS_SHELL = '#!/bin/sh\nhost="$1"; shift\nexec ip netns exec "$host" sh -c "$1"\n'  # CMD HOST 'COMMAND', as ssh
+
+
+def _from_here(c, tmp_path, hosts_args, script, *args, timeout=120):
+    agent = tmp_path / "ns-shell"
+    agent.write_text(_NS_SHELL)
+    agent.chmod(0o755)
+    env = dict(os.environ, PYTHONPATH=REPO)
+    for k in ("DTRAIN_STORE_FD", "DTRAIN_HOST_ID", "DTRAIN_RANK", "DTRAIN_JOB_TOKEN"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "dtrain.launch", *hosts_args, "--remote-shell", str(agent), "--master-addr",
+           c.hosts[0].addr, "--master-port", str(20000 + secrets.randbelow(20000)), str(script), *args]
+    start = time.monotonic()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(tmp_path))
+    return p, time.monotonic() - start
+
+
+@pytest.mark.parametrize("form", ["-H", "--hostfile"])
+def test_hosts_started_from_one_launcher(tmp_path, form):
+    """-H ns0:2,ns1:1 (or the same as an Open MPI hostfile): node launchers started through the
+    remote shell form a world of 3 with unequal hosts, and the collectives are right."""
+    job = tmp_path / "job.py"
+    job.write_text(_JOB + "print('rank', r, 'of', n, 'local', os.environ['DTRAIN_LOCAL_RANK'], flush=True)\n")
+    out = tmp_path / "out.json"
+    with tb.Cluster(2) as c:
+        slots = [2, 1]
+        if form == "-H":
+            args = ["-H", ",".join(f"{h.netns}:{s}" for h, s in zip(c.hosts, slots))]
+        else:
+            (tmp_path / "hostfile").write_text("".join(f"{h.netns} slots={s}\n" for h, s in zip(c.hosts, slots)))
+            args = ["--hostfile", str(tmp_path / "hostfile")]
+        p, _ = _from_here(c, tmp_path, args, job, str(out))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert json.loads(out.read_text())["transports"] == {"1": "shm", "2": "tcp"}
+    for tag, line in (("[node0:0]", "rank 0 of 3 local 0"), ("[node0:1]", "rank 1 of 3 local 1"),
+                      ("[node1:2]", "rank 2 of 3 local 0")):
+        assert f"{tag} {line}" in p.stdout, p.stdout
+
+
+def test_hosts_job_stops_everywhere_when_a_rank_dies(tmp_path):
+    job = tmp_path / "job.py"
+    job.write_text(textwrap.dedent("""
+        import os, signal, time, torch, dtrain
+        dtrain.init(timeout=30)
+        t = torch.ones(1000)
+        for step in range(100000):
+            dtrain.allreduce(t)
+            if step == 20 and dtrain.rank() == 3:
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(0.01)
+    """))
+    with tb.Cluster(2) as c:
+        p, took = _from_here(c, tmp_path, ["-H", ",".join(f"{h.netns}:2" for h in c.hosts)], job, timeout=90)
+    assert p.returncode != 0
+    assert took < 25, f"the job took {took:.1f} s to stop after a rank died"
+    assert "rank 3 on node 1 failed (killed by SIGKILL)" in p.stderr, p.stderr
+    assert "the job is stopped on every host" in p.stderr, p.stderr
