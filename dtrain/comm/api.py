@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from typing import List, Optional, Sequence
 
 import torch
@@ -56,6 +57,27 @@ def init(backend: Optional[str] = None, timeout: float = 300.0) -> None:
     # finishes early can never take the rendezvous store down under a slower one.
     runtime.default._native.barrier(False)
     _Current.runtime = runtime
+    _abort_on_uncaught_exception()
+
+
+def _abort_on_uncaught_exception() -> None:
+    """A rank that dies of an uncaught exception tells the others at once (they raise CommError
+    naming it) instead of leaving them to wait: its process may live on a while (mpi4py's
+    MPI_Finalize at exit waits for every rank), so peers would see no dead process."""
+    prev = sys.excepthook
+    if getattr(prev, "_dtrain", False):
+        return
+
+    def hook(exc_type, exc, tb):
+        rt = _Current.runtime
+        try:
+            if rt is not None and rt.world.size > 1 and rt.world.broken() is None:
+                rt.world.abort(f"rank {rt.world.rank} stopped with an uncaught {exc_type.__name__}: {exc}")
+        finally:
+            prev(exc_type, exc, tb)
+
+    hook._dtrain = True
+    sys.excepthook = hook
 
 
 def is_initialized() -> bool:

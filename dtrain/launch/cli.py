@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import sys
 from typing import List, Optional
@@ -62,6 +63,12 @@ def parser() -> argparse.ArgumentParser:
                    help="how to run a command on a host: run as CMD HOST 'COMMAND' (default: ssh -o BatchMode=yes)")
     h.add_argument("-x", dest="forward", action="append", default=[], metavar="NAME",
                    help="forward this environment variable to every host (repeatable)")
+    m = p.add_argument_group("under mpirun")
+    m.add_argument("--mpi", action="store_true", help="start the ranks with mpirun (Open MPI or MPICH) instead")
+    m.add_argument("--mpi-flavor", choices=("openmpi", "mpich"), default=None,
+                   help="which mpirun this is (default: from mpirun --version)")
+    m.add_argument("--mpirun", default=None, help="the mpirun to use (default: mpirun on PATH)")
+    m.add_argument("--dry-run", action="store_true", help="with --mpi: print the mpirun command line and exit")
     p.add_argument("command", nargs=argparse.REMAINDER, help="script.py [args] | command [args]")
     return p
 
@@ -70,6 +77,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser().parse_args(argv)
     if args.nprocs < 1:
         raise SystemExit(f"dtrain-run: -n must be at least 1, got {args.nprocs}")
+    if args.mpi:
+        return _under_mpirun(args)
+    if args.dry_run:
+        raise SystemExit("dtrain-run: --dry-run goes with --mpi (it prints the mpirun command line)")
     if args.hosts or args.hostfile:
         return _many_hosts(args)
     node = None
@@ -99,6 +110,33 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit(f"dtrain-run: {e}") from None
     code = job.wait(timeout=args.timeout)
     sys.exit(code)
+
+
+def _under_mpirun(args: argparse.Namespace) -> int:
+    """--mpi: the job as an mpirun command line, run (or printed with --dry-run)."""
+    import shlex
+    import subprocess
+
+    from dtrain.launch import mpi
+    try:
+        exe = mpi.find_mpirun(args.mpirun) if not (args.dry_run and args.mpi_flavor) else (args.mpirun or "mpirun")
+        flavor = args.mpi_flavor or mpi.flavor_of(exe)
+        hosts = args.hosts
+        n = args.nprocs
+        if args.hosts or args.hostfile:
+            from dtrain.launch import hosts as H
+            listed = H.parse_hosts(args.hosts) if args.hosts else H.parse_hostfile(args.hostfile)
+            if n == 1:
+                n = sum(s for _, s in listed)  # as mpirun: every slot, unless -n says otherwise
+        cmd = mpi.command(flavor, exe, n, build_command(args), hosts=hosts, hostfile=args.hostfile,
+                          forward=args.forward)
+    except DtrainError as e:
+        raise SystemExit(f"dtrain-run: {e}") from None
+    os.environ.setdefault("DTRAIN_JOB_TOKEN", secrets.token_hex(32))
+    if args.dry_run:
+        print(shlex.join(cmd))
+        return 0
+    sys.exit(subprocess.call(cmd))
 
 
 def _many_hosts(args: argparse.Namespace) -> int:
