@@ -146,6 +146,9 @@ def _many_hosts(args: argparse.Namespace) -> int:
         raise SystemExit("dtrain-run: give -H or --hostfile, not both")
     if args.nnodes != 1 or args.node_rank != 0:
         raise SystemExit("dtrain-run: -H/--hostfile start every node themselves; drop --nnodes/--node-rank")
+    if args.nprocs != 1:
+        raise SystemExit(f"dtrain-run: -n {args.nprocs} with -H/--hostfile: the ranks per host are its slots "
+                         "(host:4, or slots=4 in the hostfile); drop -n")
     try:
         hosts = H.parse_hosts(args.hosts) if args.hosts else H.parse_hostfile(args.hostfile)
     except DtrainError as e:

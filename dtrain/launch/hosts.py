@@ -24,6 +24,7 @@ import time
 from typing import List, Optional, Sequence, Tuple
 
 from dtrain.errors import DtrainError
+from dtrain.launch.local import describe_exit
 
 Hosts = List[Tuple[str, int]]
 
@@ -166,7 +167,7 @@ class HostsJob:
                     time.sleep(0.1)
                 self.stop()
                 self._drain()
-                self.err.write(f"dtrain-run: node {k} ({hosts[k][0]}) failed ({_describe(code)}); the job is "
+                self.err.write(f"dtrain-run: node {k} ({hosts[k][0]}) failed ({describe_exit(code)}); the job is "
                                "stopped on every host\n")
                 self.err.flush()
                 return code if code > 0 else 128 - code
@@ -183,11 +184,6 @@ class HostsJob:
     def _drain(self) -> None:
         for t in self._pumps:
             t.join(timeout=5)
-
-
-def _describe(code: int) -> str:
-    from dtrain.launch.local import describe_exit
-    return describe_exit(code)
 
 
 def new_token() -> str:

@@ -72,3 +72,11 @@ def test_the_shipped_hostfile_example_parses():
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert H.parse_hostfile(os.path.join(repo, "launch", "hostfile.example")) == [("node1", 4), ("node2", 4),
                                                                                     ("node3", 2)]
+
+
+def test_dash_n_with_hosts_is_refused():
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-m", "dtrain.launch", "-H", "a:2", "-n", "4", sys.executable, "-c", "pass"],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode != 0 and "the ranks per host are its slots" in p.stderr, p.stderr
