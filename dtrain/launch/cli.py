@@ -46,6 +46,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-m", dest="module", help="run a module, as python -m does")
     p.add_argument("--no-prefix", action="store_true", help="do not prefix output lines with the rank")
     p.add_argument("--timeout", type=float, default=None, help="stop the job after this many seconds")
+    p.add_argument("--max-restarts", type=int, default=0,
+                   help="after a failure, start every rank again up to this many times (DTRAIN_RESTART_COUNT "
+                        "tells the script which attempt it is; resume from your checkpoint)")
     p.add_argument("--grace", type=float, default=3.0,
                    help="seconds between SIGTERM and SIGKILL when stopping ranks (default 3)")
     g = p.add_argument_group("one launcher per node")
@@ -87,29 +90,56 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.nnodes != 1 or args.node_rank != 0 or args.master_addr is not None:
         node = Node(args.nnodes, args.node_rank, args.master_addr or "", args.master_port, args.first_rank,
                     args.world_size)
-    try:
-        job = LocalJob(build_command(args), args.nprocs, prefix=not args.no_prefix, grace=args.grace, node=node)
-    except DtrainError as e:
-        raise SystemExit(f"dtrain-run: {e}") from None
+    if node is not None and node.nnodes > 1 and args.max_restarts:
+        raise SystemExit("dtrain-run: --max-restarts with --nnodes would restart one node alone; every node must "
+                         "restart together: use -H/--hostfile (which restarts all hosts) or the scheduler's restarts")
     if node is not None and node.nnodes > 1 and not os.environ.get("DTRAIN_JOB_TOKEN"):
         sys.stderr.write("dtrain-run: DTRAIN_JOB_TOKEN is not set, so the nodes' connections are not "
                          "authenticated: export the same random token on every node "
                          "(python -c 'import secrets; print(secrets.token_hex(32))')\n")
+    command = build_command(args)
+    # A node launcher started by -H is told its attempt by the launcher that restarts every host.
+    base = int(os.environ.get("DTRAIN_RESTART_COUNT", "0") or 0)
+
+    def attempt(k: int):
+        os.environ["DTRAIN_RESTART_COUNT"] = str(base + k)  # the ranks' environment is copied from ours
+        try:
+            return LocalJob(command, args.nprocs, prefix=not args.no_prefix, grace=args.grace, node=node)
+        except DtrainError as e:
+            raise SystemExit(f"dtrain-run: {e}") from None
+
+    sys.exit(_with_restarts(args, attempt, "all ranks"))
+
+
+def _with_restarts(args: argparse.Namespace, make, what: str) -> int:
+    """Runs make(k) (a job with start/stop/wait) for k = 0, 1, ... until it succeeds, times out,
+    or --max-restarts is used up; signals stop the running job. Returns the last status."""
+    if args.max_restarts < 0:
+        raise SystemExit(f"dtrain-run: --max-restarts must be 0 or more, got {args.max_restarts}")
+    current = [None]
 
     def forward(signum, _frame):
         # Ctrl-C (or a scheduler's SIGTERM) stops everyone, not just the launcher.
-        sys.stderr.write(f"dtrain-run: got {signal.Signals(signum).name}, stopping all ranks\n")
-        job.kill_all(signum)
+        sys.stderr.write(f"dtrain-run: got {signal.Signals(signum).name}, stopping {what}\n")
+        if current[0] is not None:
+            current[0].stop(signum)
         sys.exit(128 + signum)
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
-    try:
-        job.start()
-    except DtrainError as e:
-        raise SystemExit(f"dtrain-run: {e}") from None
-    code = job.wait(timeout=args.timeout)
-    sys.exit(code)
+    code = 0
+    for k in range(args.max_restarts + 1):
+        job = current[0] = make(k)
+        try:
+            job.start()
+        except DtrainError as e:
+            raise SystemExit(f"dtrain-run: {e}") from None
+        code = job.wait(timeout=args.timeout)
+        if code == 0 or code == 124 or k == args.max_restarts:
+            break
+        sys.stderr.write(f"dtrain-run: starting {what} again (restart {k + 1} of {args.max_restarts})\n")
+        sys.stderr.flush()
+    return code
 
 
 def _under_mpirun(args: argparse.Namespace) -> int:
@@ -155,22 +185,14 @@ def _many_hosts(args: argparse.Namespace) -> int:
         raise SystemExit(f"dtrain-run: {e}") from None
     command = build_command(args)
     extra = ["--grace", str(args.grace)] + (["--no-prefix"] if args.no_prefix else [])
-    argvs = H.node_commands(hosts, command, args.master_addr or hosts[0][0], args.master_port, H.new_token(),
-                            args.remote_shell, extra, args.forward)
-    job = H.HostsJob(argvs, grace=args.grace)
+    token = H.new_token()
 
-    def forward(signum, _frame):
-        sys.stderr.write(f"dtrain-run: got {signal.Signals(signum).name}, stopping every host\n")
-        job.stop()
-        sys.exit(128 + signum)
+    def attempt(k: int):
+        argvs = H.node_commands(hosts, command, args.master_addr or hosts[0][0], args.master_port, token,
+                                args.remote_shell, extra, args.forward, restart=k)
+        return H.HostsJob(argvs, hosts, grace=args.grace)
 
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
-    try:
-        job.start()
-    except DtrainError as e:
-        raise SystemExit(f"dtrain-run: {e}") from None
-    sys.exit(job.wait(hosts, timeout=args.timeout))
+    sys.exit(_with_restarts(args, attempt, "every host"))
 
 
 if __name__ == "__main__":

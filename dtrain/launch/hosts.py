@@ -91,13 +91,14 @@ def _no_repeats(hosts: Hosts, what: str) -> None:
 
 
 def node_commands(hosts: Hosts, command: Sequence[str], master_addr: str, master_port: int, token: str,
-                  remote_shell: str, extra: Sequence[str] = (), env: Sequence[str] = ()) -> List[List[str]]:
+                  remote_shell: str, extra: Sequence[str] = (), env: Sequence[str] = (),
+                  restart: int = 0) -> List[List[str]]:
     """The argv that starts node k's launcher on hosts[k] through the remote shell."""
     agent = shlex.split(remote_shell)
     world = sum(n for _, n in hosts)
     out, first = [], 0
     for k, (host, slots) in enumerate(hosts):
-        forward = [f"DTRAIN_JOB_TOKEN={token}"] + [f"{name}={os.environ[name]}" for name in env if name in os.environ]
+        forward = [f"DTRAIN_JOB_TOKEN={token}", f"DTRAIN_RESTART_COUNT={restart}"] + [f"{name}={os.environ[name]}" for name in env if name in os.environ]
         node = ["env", *forward, sys.executable, "-m", "dtrain.launch", "--nnodes", str(len(hosts)),
                 "--node-rank", str(k), "--master-addr", master_addr, "--master-port", str(master_port),
                 "--first-rank", str(first), "--world-size", str(world), "-n", str(slots), *extra, *command]
@@ -110,8 +111,8 @@ def node_commands(hosts: Hosts, command: Sequence[str], master_addr: str, master
 class HostsJob:
     """The node launchers of one job, started through the remote shell and watched here."""
 
-    def __init__(self, argvs: List[List[str]], grace: float = 3.0, out=None, err=None):
-        self.argvs, self.grace = argvs, grace
+    def __init__(self, argvs: List[List[str]], hosts: Hosts, grace: float = 3.0, out=None, err=None):
+        self.argvs, self.hosts, self.grace = argvs, hosts, grace
         self.out, self.err = out or sys.stdout, err or sys.stderr
         self.procs: List[subprocess.Popen] = []
         self._pumps: List[threading.Thread] = []
@@ -153,7 +154,7 @@ class HostsJob:
         for p in self.procs:
             p.wait()
 
-    def wait(self, hosts: Hosts, timeout: Optional[float] = None) -> int:
+    def wait(self, timeout: Optional[float] = None) -> int:
         """0 when every node succeeded; else the first failed node's status, after the others
         stopped on their own (their collectives fail within seconds) or were stopped."""
         start = time.monotonic()
@@ -167,7 +168,7 @@ class HostsJob:
                     time.sleep(0.1)
                 self.stop()
                 self._drain()
-                self.err.write(f"dtrain-run: node {k} ({hosts[k][0]}) failed ({describe_exit(code)}); the job is "
+                self.err.write(f"dtrain-run: node {k} ({self.hosts[k][0]}) failed ({describe_exit(code)}); the job is "
                                "stopped on every host\n")
                 self.err.flush()
                 return code if code > 0 else 128 - code

@@ -209,6 +209,9 @@ class LocalJob:
                 except ProcessLookupError:
                     pass
 
+    def stop(self, first: int = signal.SIGTERM) -> None:
+        self.kill_all(first)
+
     def kill_all(self, first: int = signal.SIGTERM) -> None:
         """`first` to everyone still running, SIGKILL after the grace period."""
         self.signal_all(first)

@@ -140,3 +140,63 @@ def test_two_node_launchers_on_one_host_form_one_world(tmp_path, per_node):
         node, local = divmod(r, per_node)
         peers = sorted(["shm"] * (per_node - 1) + ["tcp"] * per_node)
         assert f"[node{node}:{r}] rank {r} local {local} host node{node} sum True peers {peers}" in text, text
+
+
+_RESUMABLE = """
+import hashlib, os, sys, torch, dtrain
+torch.manual_seed(0)
+strategy = dtrain.AllReduceStrategy()
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+opt = torch.optim.Adam(model.parameters(), lr=0.01)
+model, opt = strategy.prepare(model, opt)
+ckpt, start = sys.argv[1], 0
+attempt = os.environ["DTRAIN_RESTART_COUNT"]
+if os.path.exists(ckpt):
+    start = strategy.load(ckpt, model=model, optimizer=opt)["step"] + 1
+print("attempt", attempt, "starts at step", start, flush=True)
+for step in range(start, 12):
+    g = torch.Generator().manual_seed(step * 10 + strategy.rank)
+    x, y = torch.randn(4, 8, generator=g), torch.randn(4, 1, generator=g)
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    strategy.save(ckpt, model=model, optimizer=opt, step=step)
+    if sys.argv[2] == "crash" and attempt == "0" and step == 5 and strategy.rank == 1:
+        os._exit(3)
+digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
+print("final", digest, flush=True)
+"""
+
+
+@pytest.mark.timeout(180)
+def test_max_restarts_resumes_from_the_checkpoint(tmp_path):
+    """Rank 1 dies after step 5's checkpoint; --max-restarts 1 starts both ranks again, they
+    resume at step 6, and the final parameters equal an uninterrupted run's, bit for bit."""
+    job = tmp_path / "job.py"
+    job.write_text(_RESUMABLE)
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    runs = {}
+    for mode, restarts in (("crash", "1"), ("clean", "0")):
+        ckpt = tmp_path / f"{mode}.pt"
+        p = subprocess.run([sys.executable, "-m", "dtrain.launch", "-n", "2", "--max-restarts", restarts, "--grace",
+                            "2", str(job), str(ckpt), mode], capture_output=True, text=True, timeout=150, env=env,
+                           cwd=str(tmp_path))
+        assert p.returncode == 0, p.stdout + p.stderr
+        runs[mode] = p
+    crash = runs["crash"]
+    assert "rank 1 failed (exit code 3)" in crash.stderr and "restart 1 of 1" in crash.stderr, crash.stderr
+    assert "[0] attempt 1 starts at step 6" in crash.stdout, crash.stdout
+    final = {m: {line.split()[-1] for line in p.stdout.splitlines() if " final " in line} for m, p in runs.items()}
+    assert len(final["crash"]) == 1 and final["crash"] == final["clean"], final
+
+
+@pytest.mark.timeout(60)
+def test_restarts_stop_when_used_up(tmp_path):
+    rc, out, err, _ = script(tmp_path, """
+import os, sys
+print("attempt", os.environ["DTRAIN_RESTART_COUNT"])
+sys.exit(5)
+""", 2, "--max-restarts", "2", "--grace", "1")
+    assert rc == 5
+    assert [f"[0] attempt {k}" in out for k in range(3)] == [True] * 3 and "attempt 3" not in out
+    assert err.count("starting all ranks again") == 2

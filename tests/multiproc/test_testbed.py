@@ -338,3 +338,18 @@ def test_hosts_job_stops_everywhere_when_a_rank_dies(tmp_path):
     assert took < 25, f"the job took {took:.1f} s to stop after a rank died"
     assert "rank 3 on node 1 failed (killed by SIGKILL)" in p.stderr, p.stderr
     assert "the job is stopped on every host" in p.stderr, p.stderr
+
+
+def test_hosts_job_restarts_every_host_and_resumes(tmp_path):
+    """-H with --max-restarts 1: rank 1 (host 2) dies after step 5's checkpoint; both hosts
+    start again and resume from it at step 6."""
+    from .test_launcher import _RESUMABLE
+    job = tmp_path / "job.py"
+    job.write_text(_RESUMABLE)
+    with tb.Cluster(2) as c:
+        p, _ = _from_here(c, tmp_path, ["-H", ",".join(f"{h.netns}:1" for h in c.hosts), "--max-restarts", "1"],
+                          job, str(tmp_path / "ckpt.pt"), "crash")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "starting every host again (restart 1 of 1)" in p.stderr, p.stderr
+    assert "[node0:0] attempt 1 starts at step 6" in p.stdout and "[node1:1] attempt 1 starts at step 6" in p.stdout
+    assert len({line.split()[-1] for line in p.stdout.splitlines() if " final " in line}) == 1

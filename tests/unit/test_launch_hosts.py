@@ -57,7 +57,8 @@ def test_node_commands_number_the_ranks_across_unequal_hosts(monkeypatch):
         cd, _, node = argv[4].partition("; exec ")
         assert cd.startswith("cd ")
         words = shlex.split(node)
-        assert words[:4] == ["env", "DTRAIN_JOB_TOKEN=tok", "WANDB_KEY=k3y", words[3]] and "UNSET_NAME" not in node
+        assert words[:5] == ["env", "DTRAIN_JOB_TOKEN=tok", "DTRAIN_RESTART_COUNT=0", "WANDB_KEY=k3y", words[4]]
+        assert "UNSET_NAME" not in node
         opt = {words[i]: words[i + 1] for i in range(len(words) - 1) if words[i].startswith("--")}
         assert (opt["--nnodes"], opt["--node-rank"], opt["--master-addr"], opt["--world-size"]) == \
             ("3", str(k), "10.0.0.1", "6")
