@@ -19,13 +19,17 @@
 namespace dtrain {
 namespace {
 
+// Ranks with equal ids share memory. Processes in different network namespaces (containers,
+// the test bed's hosts) count as different hosts: they reach each other over the network.
 std::string detectHostId() {
   char name[256] = {0};
   ::gethostname(name, sizeof(name) - 1);
   std::ifstream f("/proc/sys/kernel/random/boot_id");
   std::string boot;
   std::getline(f, boot);
-  return std::string(name) + "/" + boot;
+  char ns[64] = {0};
+  const ssize_t n = ::readlink("/proc/self/ns/net", ns, sizeof(ns) - 1);
+  return std::string(name) + "/" + boot + (n > 0 ? "/" + std::string(ns, static_cast<size_t>(n)) : "");
 }
 
 std::vector<std::string> split(const std::string& s, char sep) {

@@ -141,10 +141,30 @@ def _bootstrap_over_mpi(e: Env) -> Env:
 
 
 def _host_address() -> str:
-    """This host's address as its own name resolves (DTRAIN_HOST_ADDR overrides)."""
+    """The address rank 0 publishes: DTRAIN_HOST_ADDR, else DTRAIN_IFNAME's IPv4 address, else
+    this host's name as it resolves (which may be a loopback alias other hosts cannot reach)."""
     if os.environ.get("DTRAIN_HOST_ADDR"):
         return os.environ["DTRAIN_HOST_ADDR"]
+    if os.environ.get("DTRAIN_IFNAME"):
+        return interface_address(os.environ["DTRAIN_IFNAME"])
     try:
         return socket.gethostbyname(socket.gethostname())
     except OSError:
         return "127.0.0.1"
+
+
+def interface_address(name: str) -> str:
+    """The IPv4 address of network interface `name` (Linux). Raises ConfigError naming the
+    interfaces there are when it has none."""
+    import fcntl
+    import struct
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+        return socket.inet_ntoa(packed[20:24])
+    except OSError:
+        names = sorted(n for _, n in socket.if_nameindex())
+        raise ConfigError(f"DTRAIN_IFNAME={name!r} has no IPv4 address on this host (interfaces: "
+                          f"{', '.join(names)}); name the interface the other hosts reach this one on") from None
+    finally:
+        s.close()

@@ -62,8 +62,12 @@ def parser() -> argparse.ArgumentParser:
     h.add_argument("-H", "--hosts", dest="hosts", default=None,
                    help="host1:slots,host2:slots: start a node launcher on each host (slots = its ranks)")
     h.add_argument("--hostfile", default=None, help="Open MPI hostfile: 'host slots=N' per line")
-    h.add_argument("--remote-shell", default="ssh -o BatchMode=yes",
-                   help="how to run a command on a host: run as CMD HOST 'COMMAND' (default: ssh -o BatchMode=yes)")
+    h.add_argument("--remote-shell", default=None,
+                   help="how to run a command on a host: run as CMD HOST 'COMMAND' (default: ssh -o BatchMode=yes; "
+                        "with --mpi, mpirun's own rsh agent setting)")
+    p.add_argument("--network-interface", default=None, metavar="IF",
+                   help="the interface other hosts reach this one on (sets DTRAIN_IFNAME: under mpirun rank 0 "
+                        "publishes its address; with --mpi also Open MPI's TCP interfaces)")
     h.add_argument("-x", dest="forward", action="append", default=[], metavar="NAME",
                    help="forward this environment variable to every host (repeatable)")
     m = p.add_argument_group("under mpirun")
@@ -80,6 +84,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser().parse_args(argv)
     if args.nprocs < 1:
         raise SystemExit(f"dtrain-run: -n must be at least 1, got {args.nprocs}")
+    if args.network_interface:
+        os.environ["DTRAIN_IFNAME"] = args.network_interface  # every launch path passes DTRAIN_* on
     if args.mpi:
         return _under_mpirun(args)
     if args.dry_run:
@@ -159,7 +165,7 @@ def _under_mpirun(args: argparse.Namespace) -> int:
             if n == 1:
                 n = sum(s for _, s in listed)  # as mpirun: every slot, unless -n says otherwise
         cmd = mpi.command(flavor, exe, n, build_command(args), hosts=hosts, hostfile=args.hostfile,
-                          forward=args.forward)
+                          forward=args.forward, remote_shell=args.remote_shell, interface=args.network_interface)
     except DtrainError as e:
         raise SystemExit(f"dtrain-run: {e}") from None
     os.environ.setdefault("DTRAIN_JOB_TOKEN", secrets.token_hex(32))
@@ -189,7 +195,7 @@ def _many_hosts(args: argparse.Namespace) -> int:
 
     def attempt(k: int):
         argvs = H.node_commands(hosts, command, args.master_addr or hosts[0][0], args.master_port, token,
-                                args.remote_shell, extra, args.forward, restart=k)
+                                args.remote_shell or "ssh -o BatchMode=yes", extra, args.forward, restart=k)
         return H.HostsJob(argvs, hosts, grace=args.grace)
 
     sys.exit(_with_restarts(args, attempt, "every host"))

@@ -53,8 +53,10 @@ def forwarded_names(extra: Sequence[str] = ()) -> List[str]:
 
 
 def command(flavor: str, mpirun: str, nprocs: int, program: Sequence[str], hosts: Optional[str] = None,
-            hostfile: Optional[str] = None, forward: Sequence[str] = (), as_root: Optional[bool] = None) -> List[str]:
-    """The mpirun argv for `program` on `nprocs` ranks."""
+            hostfile: Optional[str] = None, forward: Sequence[str] = (), as_root: Optional[bool] = None,
+            remote_shell: Optional[str] = None, interface: Optional[str] = None) -> List[str]:
+    """The mpirun argv for `program` on `nprocs` ranks. `remote_shell` replaces the agent mpirun
+    starts its daemons on other hosts with (ssh); `interface` is the network interface between hosts."""
     if flavor not in FLAVORS:
         raise DtrainError(f"--mpi-flavor {flavor!r}: choose {' or '.join(FLAVORS)}")
     if nprocs < 1:
@@ -72,6 +74,10 @@ def command(flavor: str, mpirun: str, nprocs: int, program: Sequence[str], hosts
             cmd += ["--hostfile", hostfile]
         if not hosts and not hostfile:
             cmd.append("--oversubscribe")  # one host: as many ranks as asked, whatever the core count
+        if remote_shell:
+            cmd += ["--mca", "plm_rsh_agent", remote_shell]
+        if interface:
+            cmd += ["--mca", "btl_tcp_if_include", interface, "--mca", "oob_tcp_if_include", interface]
         for k in names:
             cmd += ["-x", k]
     else:
@@ -80,5 +86,9 @@ def command(flavor: str, mpirun: str, nprocs: int, program: Sequence[str], hosts
             cmd += ["-hosts", hosts]
         if hostfile:
             cmd += ["-f", hostfile]
+        if remote_shell:
+            cmd += ["-launcher", "ssh", "-launcher-exec", remote_shell]
+        if interface:
+            cmd += ["-iface", interface]
         cmd += ["-genvlist", ",".join(names)]
     return cmd + list(program)

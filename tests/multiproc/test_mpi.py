@@ -140,3 +140,47 @@ def test_bad_mpi_flags_are_named(args, match):
     p = subprocess.run([sys.executable, "-m", "dtrain.launch", *args, sys.executable, "-c", "pass"],
                        capture_output=True, text=True, timeout=30, env=_env())
     assert p.returncode != 0 and match in p.stderr, p.stderr
+
+
+_NS_AGENT = '#!/bin/sh\nhost="$1"; shift\nexec ip netns exec "$host" sh -c "$*"\n'  # Open MPI: AGENT HOST CMD...
+
+
+@real
+@pytest.mark.timeout(180)
+def test_dtrain_run_mpi_across_test_bed_hosts(tmp_path):
+    """`dtrain-run --mpi -H h0:2,h1:2 --remote-shell AGENT --network-interface eth0`, run on
+    host 0: mpirun starts its daemon on host 1 through the agent (plm_rsh_agent), rank 0
+    publishes eth0's address over MPI, ranks share memory within a host and talk TCP across."""
+    from dtrain.testing import cluster as tb
+    if tb.available() is not None:
+        pytest.skip(str(tb.available()))
+    agent = tmp_path / "ns-agent"
+    agent.write_text(_NS_AGENT)
+    agent.chmod(0o755)
+    job = tmp_path / "job.py"
+    job.write_text(_JOB.replace("dtrain.shutdown()", textwrap.dedent("""
+        world = dtrain.comm.group.current().world
+        print("peers", r, [world.transport_to(j) for j in range(n) if j != r], flush=True)
+        dtrain.shutdown()""")))
+    # Open MPI's shared-memory BTL (vader) crashes between processes in a network namespace:
+    # its own traffic goes over TCP here (dtrain's does not use MPI's at all).
+    env = dict(_env(), OMPI_MCA_btl="tcp,self")
+    with tb.Cluster(2) as c:
+        hosts = ",".join(f"{h.netns}:2" for h in c.hosts)
+        p = c.run(0, [sys.executable, "-m", "dtrain.launch", "--mpi", "-H", hosts, "--remote-shell", str(agent),
+                      "--network-interface", c.hosts[0].ifname, str(job)], timeout=150, env=env, cwd=str(tmp_path))
+    assert p.returncode == 0, p.stdout + p.stderr
+    for r in range(4):
+        assert f"ok rank {r} of 4 local {r % 2}" in p.stdout, p.stdout
+        peers = ["shm" if j // 2 == r // 2 else "tcp" for j in range(4) if j != r]
+        assert f"peers {r} {peers}" in p.stdout, p.stdout
+
+
+def test_remote_shell_and_interface_reach_mpirun():
+    cmd = mpi.command("openmpi", "mpirun", 4, ["python", "t.py"], hosts="a:2,b:2", remote_shell="/x/agent",
+                      interface="eth1", as_root=False)
+    assert cmd[cmd.index("plm_rsh_agent") + 1] == "/x/agent"
+    assert cmd[cmd.index("btl_tcp_if_include") + 1] == "eth1" and cmd[cmd.index("oob_tcp_if_include") + 1] == "eth1"
+    cmd = mpi.command("mpich", "mpiexec", 4, ["python", "t.py"], hosts="a:2,b:2", remote_shell="/x/agent",
+                      interface="eth1")
+    assert cmd[cmd.index("-launcher-exec") + 1] == "/x/agent" and cmd[cmd.index("-iface") + 1] == "eth1"

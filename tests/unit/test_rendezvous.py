@@ -51,3 +51,15 @@ def test_a_store_fd_that_is_not_a_listening_socket_is_refused():
     with pytest.raises(ConfigError, match="DTRAIN_STORE_FD"):
         from_environ({"DTRAIN_RANK": "0", "DTRAIN_WORLD_SIZE": "2", "DTRAIN_MASTER_ADDR": "h",
                       "DTRAIN_MASTER_PORT": "1", "DTRAIN_JOB_TOKEN": "t", "DTRAIN_STORE_FD": "0"})
+
+
+def test_network_interface_address(monkeypatch):
+    from dtrain.comm import rendezvous
+    assert rendezvous.interface_address("lo") == "127.0.0.1"
+    with pytest.raises(ConfigError, match=r"DTRAIN_IFNAME='nosuch0' has no IPv4 address.*interfaces: .*\blo\b"):
+        rendezvous.interface_address("nosuch0")
+    monkeypatch.delenv("DTRAIN_HOST_ADDR", raising=False)
+    monkeypatch.setenv("DTRAIN_IFNAME", "lo")
+    assert rendezvous._host_address() == "127.0.0.1"
+    monkeypatch.setenv("DTRAIN_HOST_ADDR", "10.1.2.3")  # an explicit address wins
+    assert rendezvous._host_address() == "10.1.2.3"
