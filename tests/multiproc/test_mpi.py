@@ -160,7 +160,8 @@ def test_dtrain_run_mpi_across_test_bed_hosts(tmp_path):
     job = tmp_path / "job.py"
     job.write_text(_JOB.replace("dtrain.shutdown()", textwrap.dedent("""
         world = dtrain.comm.group.current().world
-        print("peers", r, [world.transport_to(j) for j in range(n) if j != r], flush=True)
+        # one string per print: mpirun --tag-output tags every write it gets
+        print(f"peers {r} {[world.transport_to(j) for j in range(n) if j != r]}", flush=True)
         dtrain.shutdown()""")))
     # Open MPI's shared-memory BTL (vader) crashes between processes in a network namespace:
     # its own traffic goes over TCP here (dtrain's does not use MPI's at all).
