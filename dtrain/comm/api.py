@@ -69,15 +69,22 @@ def _abort_on_uncaught_exception() -> None:
         return
 
     def hook(exc_type, exc, tb):
-        rt = _Current.runtime
         try:
-            if rt is not None and rt.world.size > 1 and rt.world.broken() is None:
-                rt.world.abort(f"rank {rt.world.rank} stopped with an uncaught {exc_type.__name__}: {exc}")
+            abort_world(f"an uncaught {exc_type.__name__}: {exc}")
         finally:
             prev(exc_type, exc, tb)
 
     hook._dtrain = True
     sys.excepthook = hook
+
+
+def abort_world(why: str) -> None:
+    """Marks the world broken so every other rank's collectives raise CommError at once, naming
+    this rank and `why` (a rank that is about to fail). Does nothing when not initialised,
+    alone, or already broken."""
+    rt = _Current.runtime
+    if rt is not None and rt.world.size > 1 and rt.world.broken() is None:
+        rt.world.abort(f"rank {rt.world.rank} stopped with {why}")
 
 
 def is_initialized() -> bool:

@@ -70,6 +70,9 @@ def parser() -> argparse.ArgumentParser:
                         "publishes its address; with --mpi also Open MPI's TCP interfaces)")
     h.add_argument("-x", dest="forward", action="append", default=[], metavar="NAME",
                    help="forward this environment variable to every host (repeatable)")
+    p.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="run the ranks as actors on a Ray cluster (auto, ray://host:10001, or local for a new "
+                        "local instance)")
     m = p.add_argument_group("under mpirun")
     m.add_argument("--mpi", action="store_true", help="start the ranks with mpirun (Open MPI or MPICH) instead")
     m.add_argument("--mpi-flavor", choices=("openmpi", "mpich"), default=None,
@@ -88,6 +91,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         os.environ["DTRAIN_IFNAME"] = args.network_interface  # every launch path passes DTRAIN_* on
     if args.mpi:
         return _under_mpirun(args)
+    if args.ray:
+        return _on_ray(args)
     if args.dry_run:
         raise SystemExit("dtrain-run: --dry-run goes with --mpi (it prints the mpirun command line)")
     if args.hosts or args.hostfile:
@@ -173,6 +178,22 @@ def _under_mpirun(args: argparse.Namespace) -> int:
         print(shlex.join(cmd))
         return 0
     sys.exit(subprocess.call(cmd))
+
+
+def _on_ray(args: argparse.Namespace) -> int:
+    """--ray ADDRESS: every rank an actor on the Ray cluster (dtrain.ray.run_script)."""
+    import dtrain.ray
+    from dtrain.launch.local import RankFailed
+    command = build_command(args)
+    command = [os.path.abspath(w) if w.endswith(".py") and os.path.exists(w) else w for w in command]
+    try:
+        ray = dtrain.ray._ray()
+        if not ray.is_initialized():
+            ray.init(address=None if args.ray == "local" else args.ray, include_dashboard=False)
+        dtrain.ray.run_script(command, args.nprocs, timeout=args.timeout)
+    except (RankFailed, DtrainError) as e:
+        raise SystemExit(f"dtrain-run: {e}") from None
+    sys.exit(0)
 
 
 def _many_hosts(args: argparse.Namespace) -> int:
