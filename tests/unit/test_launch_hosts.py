@@ -81,3 +81,15 @@ def test_dash_n_with_hosts_is_refused():
     p = subprocess.run([sys.executable, "-m", "dtrain.launch", "-H", "a:2", "-n", "4", sys.executable, "-c", "pass"],
                        capture_output=True, text=True, timeout=30)
     assert p.returncode != 0 and "the ranks per host are its slots" in p.stderr, p.stderr
+
+
+def test_the_shipped_ray_cluster_yaml_is_complete():
+    import os
+    yaml = pytest.importorskip("yaml", reason="PyYAML comes with Ray")
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(repo, "launch", "ray-cluster.yaml")) as f:
+        cfg = yaml.safe_load(f)
+    assert cfg["provider"]["type"] == "local" and cfg["provider"]["head_ip"] and cfg["provider"]["worker_ips"]
+    assert any("pip install" in c and "-e ~/dtrain" in c for c in cfg["setup_commands"])
+    assert any("ray start --head" in c for c in cfg["head_start_ray_commands"])
+    assert any("--address=$RAY_HEAD_IP" in c for c in cfg["worker_start_ray_commands"])
