@@ -20,14 +20,15 @@ from dtrain.comm.group import Group, Runtime, Work, _Current, current, env_bytes
 from dtrain.comm.tensors import DTYPES, native_dtype, redop, staging, wire_dtype
 from dtrain.errors import CommError, ConfigError
 
-_BACKENDS = ("native",)
+_BACKENDS = ("native", "mpi")
 
 
 def init(backend: Optional[str] = None, timeout: float = 300.0) -> None:
     """Joins the job described by the launcher's environment (see dtrain.comm.rendezvous).
 
     Args:
-        backend: "native" (default; also DTRAIN_BACKEND).
+        backend: "native" (default) or "mpi" (collectives through mpi4py, under mpirun); also
+            DTRAIN_BACKEND.
         timeout: seconds any collective may go without progress before CommTimeout.
 
     Raises:
@@ -46,6 +47,14 @@ def init(backend: Optional[str] = None, timeout: float = 300.0) -> None:
         raise ConfigError(f"unknown backend {backend!r}: this build provides {', '.join(_BACKENDS)}")
     if not (timeout > 0):
         raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    if backend == "mpi":
+        from dtrain.comm import mpi_backend
+        if not mpi_backend.under_mpirun(os.environ):
+            raise ConfigError("backend='mpi' runs under mpirun (or mpiexec): start the script with "
+                              "`mpirun -np N python train.py` or `dtrain-run --mpi -n N train.py`")
+        _Current.runtime = mpi_backend.MpiRuntime(float(timeout))
+        _abort_on_uncaught_exception()
+        return
     env = rendezvous.from_environ()
     world = _C.World(
         env.rank, env.world_size, env.master_addr, env.master_port, env.token, float(timeout),

@@ -185,3 +185,52 @@ def test_remote_shell_and_interface_reach_mpirun():
     cmd = mpi.command("mpich", "mpiexec", 4, ["python", "t.py"], hosts="a:2,b:2", remote_shell="/x/agent",
                       interface="eth1")
     assert cmd[cmd.index("-launcher-exec") + 1] == "/x/agent" and cmd[cmd.index("-iface") + 1] == "eth1"
+
+
+# ------------------------------------------------------------ backend="mpi"
+
+def _mpirun(n, argv, env_extra=None, timeout=150):
+    root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+    env = dict(_env(), **(env_extra or {}))
+    xs = [w for k in (env_extra or {}) for w in ("-x", k)]
+    return subprocess.run([MPIRUN, "-np", str(n), *root, "--oversubscribe", "--bind-to", "none", "-x", "PYTHONPATH",
+                           *xs, *argv], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+@real
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_every_collective_through_the_mpi_backend(n):
+    """float32/64, float16, bfloat16 and int64 at sizes 0, 1, 7 and 100003; avg (async), max,
+    broadcast, uneven allgather, reduce_scatter, alltoall, send/recv, a sub-group, barrier."""
+    p = _mpirun(n, [sys.executable, os.path.join(REPO, "tests", "multiproc", "mpi_backend_job.py")])
+    assert p.returncode == 0, p.stdout + p.stderr
+    for r in range(n):
+        assert f"ok rank {r} of {n} local {r} transport mpi" in p.stdout, p.stdout
+
+
+@real
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("n", [2, 3])
+def test_allreduce_strategy_parity_over_mpi(n):
+    """AllReduceStrategy with DTRAIN_BACKEND=mpi trains like one process on the whole batch
+    (the same bound as the native backend's parity test: 2e-6 after 20 steps)."""
+    code = ("from tests.multiproc import strategy_workers as sw\n"
+            "import os, dtrain\n"
+            "for opt in ('sgd', 'adam'):\n"
+            "    diff, unused_none = sw.parity(opt, None, False, 20, 0.01)[:2]\n"
+            "    line = f'parity {opt} {dtrain.rank()} {diff} {unused_none} {dtrain.comm.group.current().backend}\\n'\n"
+            "    os.write(1, line.encode())  # one write: the ranks share mpirun's stdout\n")
+    p = _mpirun(n, [sys.executable, "-c", code], {"DTRAIN_BACKEND": "mpi"})
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = [line.split() for line in p.stdout.splitlines() if line.startswith("parity")]
+    assert len(rows) == 2 * n, p.stdout
+    for _, opt, rank, diff, unused_none, backend in rows:
+        assert backend == "mpi" and unused_none == "True"
+        assert float(diff) <= 2e-6, f"{opt} on rank {rank} is {diff} from one process"
+
+
+def test_mpi_backend_outside_mpirun_is_refused():
+    p = subprocess.run([sys.executable, "-c", "import dtrain; dtrain.init(backend='mpi')"], capture_output=True,
+                       text=True, timeout=60, env=_env())
+    assert p.returncode != 0 and "backend='mpi' runs under mpirun" in p.stderr, p.stderr

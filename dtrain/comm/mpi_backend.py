@@ -1,0 +1,264 @@
+"""backend="mpi": dtrain's collectives through mpi4py, on the MPI library mpirun started.
+
+    mpirun -np 4 -x DTRAIN_BACKEND=mpi python train.py      # or dtrain.init(backend="mpi")
+
+The runtime here offers what the native one does to dtrain.comm.api (the same group
+methods, taking addresses and element counts), so every collective, group, strategy and
+Work handle works unchanged. Memory is handed to MPI in place through
+`MPI.buffer.fromaddress`. Reductions of float16/bfloat16 tensors run in float32 (MPI has no
+such types) and round back; "avg" is a sum divided afterwards. Wire compression is a
+native-backend feature: here tensors travel as they are (`compress_wire` is False, so
+AllReduceStrategy sends float32). A rank that aborts ends the MPI job (MPI_Abort).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from dtrain import _C
+from dtrain.errors import CommError, ConfigError
+
+_TORCH = {_C.DType.float32: torch.float32, _C.DType.float64: torch.float64, _C.DType.float16: torch.float16,
+          _C.DType.bfloat16: torch.bfloat16, _C.DType.int32: torch.int32, _C.DType.int64: torch.int64,
+          _C.DType.uint8: torch.uint8}
+_HALF = (_C.DType.float16, _C.DType.bfloat16)
+
+
+def _mpi():
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise ConfigError("backend='mpi' needs mpi4py: pip install 'dtrain[mpi]'") from None
+    return MPI
+
+
+def _view(ptr: int, count: int, dt) -> torch.Tensor:
+    """The `count` elements at `ptr` as a tensor sharing that memory."""
+    dtype = _TORCH[dt]
+    nbytes = count * torch.empty(0, dtype=dtype).element_size()
+    if nbytes == 0:
+        return torch.empty(0, dtype=dtype)
+    return torch.frombuffer(_mpi().buffer.fromaddress(ptr, nbytes), dtype=dtype)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.numpy()
+
+
+def _bytes(ptr: int, nbytes: int) -> np.ndarray:
+    return np.frombuffer(_mpi().buffer.fromaddress(ptr, nbytes), dtype=np.uint8) if nbytes else \
+        np.empty(0, dtype=np.uint8)
+
+
+class MpiWork:
+    """A request (or nothing left to wait for) and what to do once it completes."""
+
+    def __init__(self, request=None, after: Optional[Callable[[], None]] = None):
+        self._req, self._after, self._done = request, after, False
+
+    def _complete(self) -> None:
+        if not self._done:
+            self._done = True
+            if self._after is not None:
+                self._after()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        if self._req is not None and not self._done:
+            if timeout is None or timeout < 0:
+                self._req.Wait()
+            else:
+                deadline = time.monotonic() + timeout
+                while not self._req.Test():
+                    if time.monotonic() > deadline:
+                        return False
+                    time.sleep(0.0005)
+        self._complete()
+        return True
+
+    def is_completed(self) -> bool:
+        if self._req is None or self._done:
+            return True
+        if self._req.Test():
+            self._complete()
+            return True
+        return False
+
+
+class MpiGroup:
+    """A communicator over `ranks` (global ranks), with the native group's interface."""
+
+    compress_wire = False
+
+    def __init__(self, comm, ranks: Sequence[int], name: str):
+        self.comm, self.ranks, self.name = comm, list(ranks), name
+        self.rank = comm.Get_rank() if comm is not None else -1
+        self.size = len(self.ranks)
+
+    def _member(self, what: str):
+        if self.comm is None:
+            raise ConfigError(f"{what} on group {self.name}, which this rank is not a member of")
+        return self.comm
+
+    def _run(self, start: Callable, after: Optional[Callable[[], None]], async_op: bool):
+        """start(blocking) runs the call (returning a request when not blocking)."""
+        try:
+            if async_op:
+                return MpiWork(start(False), after)
+            start(True)
+        except Exception as e:  # mpi4py raises MPI.Exception
+            raise CommError(f"MPI call failed on group {self.name}, rank {self.rank}: {e}") from None
+        if after is not None:
+            after()
+        return None
+
+    def allreduce(self, ptr, count, dt, op, wire, async_op):
+        comm, MPI = self._member("allreduce"), _mpi()
+        name = op.name
+        if name == "avg" and dt not in (_C.DType.float32, _C.DType.float64) + _HALF:
+            raise ConfigError("op='avg' needs a floating-point tensor")
+        mpi_op = {"sum": MPI.SUM, "avg": MPI.SUM, "min": MPI.MIN, "max": MPI.MAX, "prod": MPI.PROD}[name]
+        t = _view(ptr, count, dt)
+        work = t.float() if dt in _HALF else t  # MPI reduces no half types: float32, rounded back
+        arr = _np(work)
+
+        def after():
+            if name == "avg":
+                work.div_(self.size)
+            if work is not t:
+                t.copy_(work)
+
+        return self._run(lambda block: comm.Allreduce(MPI.IN_PLACE, arr, mpi_op) if block
+                         else comm.Iallreduce(MPI.IN_PLACE, arr, mpi_op), after, async_op)
+
+    def broadcast(self, ptr, count, dt, root, async_op):
+        comm = self._member("broadcast")
+        buf = _bytes(ptr, count * torch.empty(0, dtype=_TORCH[dt]).element_size())
+        return self._run(lambda block: comm.Bcast(buf, root=root) if block else comm.Ibcast(buf, root=root),
+                         None, async_op)
+
+    def allgather(self, src, out, counts, dt, async_op):
+        comm, MPI = self._member("allgather"), _mpi()
+        es = torch.empty(0, dtype=_TORCH[dt]).element_size()
+        nb = [c * es for c in counts]
+        displ = list(np.cumsum([0] + nb[:-1]))
+        send, recv = _bytes(src, nb[self.rank]), _bytes(out, sum(nb))
+        spec = [recv, nb, displ, MPI.BYTE]
+        return self._run(lambda block: comm.Allgatherv([send, MPI.BYTE], spec) if block
+                         else comm.Iallgatherv([send, MPI.BYTE], spec), None, async_op)
+
+    def reduce_scatter(self, src, out, count, dt, op, wire, async_op):
+        # Reduce everything (in place on a copy), then keep this rank's block.
+        full = _view(src, count * self.size, dt).clone()
+        mine = _view(out, count, dt)
+        work = self.allreduce(full.data_ptr(), full.numel(), dt, op, wire, async_op)
+
+        def keep():
+            mine.copy_(full[self.rank * count:(self.rank + 1) * count])
+
+        if work is None:
+            keep()
+            return None
+        return _Then(work, keep, full)
+
+    def alltoall(self, src, send_counts, out, recv_counts, dt, async_op):
+        comm, MPI = self._member("alltoall"), _mpi()
+        es = torch.empty(0, dtype=_TORCH[dt]).element_size()
+        sn, rn = [c * es for c in send_counts], [c * es for c in recv_counts]
+        sd, rd = list(np.cumsum([0] + sn[:-1])), list(np.cumsum([0] + rn[:-1]))
+        send, recv = [_bytes(src, sum(sn)), sn, sd, MPI.BYTE], [_bytes(out, sum(rn)), rn, rd, MPI.BYTE]
+        return self._run(lambda block: comm.Alltoallv(send, recv) if block else comm.Ialltoallv(send, recv),
+                         None, async_op)
+
+    def send(self, ptr, count, dt, dst, async_op):
+        comm = self._member("send")
+        buf = _bytes(ptr, count * torch.empty(0, dtype=_TORCH[dt]).element_size())
+        return self._run(lambda block: comm.Send(buf, dest=dst) if block else comm.Isend(buf, dest=dst),
+                         None, async_op)
+
+    def recv(self, ptr, count, dt, src, async_op):
+        comm = self._member("recv")
+        buf = _bytes(ptr, count * torch.empty(0, dtype=_TORCH[dt]).element_size())
+        return self._run(lambda block: comm.Recv(buf, source=src) if block else comm.Irecv(buf, source=src),
+                         None, async_op)
+
+    def barrier(self, async_op):
+        comm = self._member("barrier")
+        return self._run(lambda block: comm.Barrier() if block else comm.Ibarrier(), None, async_op)
+
+
+class _Then:
+    """An MpiWork followed by one more step (reduce_scatter's copy of this rank's block)."""
+
+    def __init__(self, work: MpiWork, then: Callable[[], None], keep):
+        self._work, self._then, self._keep, self._done = work, then, keep, False
+
+    def wait(self, timeout=None) -> bool:
+        if not self._work.wait(timeout):
+            return False
+        if not self._done:
+            self._done = True
+            self._then()
+        return True
+
+    def is_completed(self) -> bool:
+        return self._done or (self._work.is_completed() and self.wait(0))
+
+
+class MpiWorld:
+    """What the runtime's `world` answers for the MPI backend."""
+
+    def __init__(self):
+        MPI = _mpi()
+        self.comm = MPI.COMM_WORLD
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        local = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
+        self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
+        local.Free()
+
+    def broken(self) -> Optional[str]:
+        return None  # MPI reports failures by aborting the job
+
+    def abort(self, why: str) -> None:
+        sys.stderr.write(f"dtrain: rank {self.rank} aborts the MPI job: {why}\n")
+        sys.stderr.flush()
+        self.comm.Abort(1)
+
+    def transport_to(self, peer: int) -> str:
+        return "mpi"
+
+
+class MpiRuntime:
+    """dtrain.init(backend="mpi"): the world and groups over MPI.COMM_WORLD."""
+
+    def __init__(self, timeout: float):
+        from dtrain.comm.group import Group
+        self.world = MpiWorld()
+        self.timeout, self.backend = timeout, "mpi"
+        self.default = Group(MpiGroup(self.world.comm, range(self.world.size), "world"))
+        self._groups_made = 0
+
+    def new_group(self, ranks: Sequence[int]):
+        from dtrain.comm.group import Group
+        ranks = [int(r) for r in ranks]
+        self._groups_made += 1
+        name = f"group{self._groups_made}[{','.join(map(str, ranks))}]"
+        # Every rank calls new_group alike (as with the native backend); Create_group is
+        # collective over the members only, and the others get a group they cannot call.
+        comm = None
+        if self.world.rank in ranks:
+            sub = self.world.comm.Get_group().Incl(ranks)
+            comm = self.world.comm.Create_group(sub, tag=self._groups_made)
+            sub.Free()
+        return Group(MpiGroup(comm, ranks, name))
+
+
+def under_mpirun(env) -> bool:
+    return any(k in env for k in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"))
+
+
+__all__: List[str] = ["MpiRuntime"]
