@@ -89,6 +89,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit(f"dtrain-run: -n must be at least 1, got {args.nprocs}")
     if args.network_interface:
         os.environ["DTRAIN_IFNAME"] = args.network_interface  # every launch path passes DTRAIN_* on
+    if args.max_restarts and (args.mpi or args.ray):
+        raise SystemExit("dtrain-run: --max-restarts restarts ranks dtrain-run starts itself (one host, -H, "
+                         "--hostfile); under --mpi or --ray use mpirun's or Ray's own restart handling")
     if args.mpi:
         return _under_mpirun(args)
     if args.ray:

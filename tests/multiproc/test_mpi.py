@@ -135,6 +135,7 @@ def test_dry_run_prints_and_runs_nothing(tmp_path):
 @pytest.mark.parametrize("args, match", [
     (["--mpi-flavor", "lam"], "invalid choice"),
     (["--dry-run"], "--dry-run goes with --mpi"),
+    (["--mpi", "--max-restarts", "1"], "--max-restarts restarts ranks dtrain-run starts itself"),
 ])
 def test_bad_mpi_flags_are_named(args, match):
     p = subprocess.run([sys.executable, "-m", "dtrain.launch", *args, sys.executable, "-c", "pass"],
