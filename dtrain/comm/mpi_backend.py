@@ -37,22 +37,25 @@ def _mpi():
     return MPI
 
 
+def _esize(dt) -> int:
+    return torch.empty(0, dtype=_TORCH[dt]).element_size()
+
+
 def _view(ptr: int, count: int, dt) -> torch.Tensor:
     """The `count` elements at `ptr` as a tensor sharing that memory."""
-    dtype = _TORCH[dt]
-    nbytes = count * torch.empty(0, dtype=dtype).element_size()
-    if nbytes == 0:
-        return torch.empty(0, dtype=dtype)
-    return torch.frombuffer(_mpi().buffer.fromaddress(ptr, nbytes), dtype=dtype)
-
-
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.numpy()
+    if count == 0:
+        return torch.empty(0, dtype=_TORCH[dt])
+    return torch.frombuffer(_mpi().buffer.fromaddress(ptr, count * _esize(dt)), dtype=_TORCH[dt])
 
 
 def _bytes(ptr: int, nbytes: int) -> np.ndarray:
+    """The `nbytes` bytes at `ptr`, for calls that move data without looking at it."""
     return np.frombuffer(_mpi().buffer.fromaddress(ptr, nbytes), dtype=np.uint8) if nbytes else \
         np.empty(0, dtype=np.uint8)
+
+
+def _offsets(sizes: Sequence[int]) -> List[int]:
+    return [int(x) for x in np.cumsum([0] + list(sizes[:-1]))]
 
 
 class MpiWork:
@@ -124,7 +127,7 @@ class MpiGroup:
         mpi_op = {"sum": MPI.SUM, "avg": MPI.SUM, "min": MPI.MIN, "max": MPI.MAX, "prod": MPI.PROD}[name]
         t = _view(ptr, count, dt)
         work = t.float() if dt in _HALF else t  # MPI reduces no half types: float32, rounded back
-        arr = _np(work)
+        arr = work.numpy()
 
         def after():
             if name == "avg":
@@ -137,15 +140,14 @@ class MpiGroup:
 
     def broadcast(self, ptr, count, dt, root, async_op):
         comm = self._member("broadcast")
-        buf = _bytes(ptr, count * torch.empty(0, dtype=_TORCH[dt]).element_size())
+        buf = _bytes(ptr, count * _esize(dt))
         return self._run(lambda block: comm.Bcast(buf, root=root) if block else comm.Ibcast(buf, root=root),
                          None, async_op)
 
     def allgather(self, src, out, counts, dt, async_op):
         comm, MPI = self._member("allgather"), _mpi()
-        es = torch.empty(0, dtype=_TORCH[dt]).element_size()
-        nb = [c * es for c in counts]
-        displ = list(np.cumsum([0] + nb[:-1]))
+        nb = [c * _esize(dt) for c in counts]
+        displ = _offsets(nb)
         send, recv = _bytes(src, nb[self.rank]), _bytes(out, sum(nb))
         spec = [recv, nb, displ, MPI.BYTE]
         return self._run(lambda block: comm.Allgatherv([send, MPI.BYTE], spec) if block
@@ -167,22 +169,21 @@ class MpiGroup:
 
     def alltoall(self, src, send_counts, out, recv_counts, dt, async_op):
         comm, MPI = self._member("alltoall"), _mpi()
-        es = torch.empty(0, dtype=_TORCH[dt]).element_size()
-        sn, rn = [c * es for c in send_counts], [c * es for c in recv_counts]
-        sd, rd = list(np.cumsum([0] + sn[:-1])), list(np.cumsum([0] + rn[:-1]))
+        sn, rn = [c * _esize(dt) for c in send_counts], [c * _esize(dt) for c in recv_counts]
+        sd, rd = _offsets(sn), _offsets(rn)
         send, recv = [_bytes(src, sum(sn)), sn, sd, MPI.BYTE], [_bytes(out, sum(rn)), rn, rd, MPI.BYTE]
         return self._run(lambda block: comm.Alltoallv(send, recv) if block else comm.Ialltoallv(send, recv),
                          None, async_op)
 
     def send(self, ptr, count, dt, dst, async_op):
         comm = self._member("send")
-        buf = _bytes(ptr, count * torch.empty(0, dtype=_TORCH[dt]).element_size())
+        buf = _bytes(ptr, count * _esize(dt))
         return self._run(lambda block: comm.Send(buf, dest=dst) if block else comm.Isend(buf, dest=dst),
                          None, async_op)
 
     def recv(self, ptr, count, dt, src, async_op):
         comm = self._member("recv")
-        buf = _bytes(ptr, count * torch.empty(0, dtype=_TORCH[dt]).element_size())
+        buf = _bytes(ptr, count * _esize(dt))
         return self._run(lambda block: comm.Recv(buf, source=src) if block else comm.Irecv(buf, source=src),
                          None, async_op)
 

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import signal
 import sys
 from typing import List, Optional
 
 from dtrain.errors import DtrainError
-from dtrain.launch.local import LocalJob, Node
+from dtrain.launch.local import LocalJob, Node, job_token
 
 
 def build_command(args: argparse.Namespace) -> List[str]:
@@ -176,7 +175,7 @@ def _under_mpirun(args: argparse.Namespace) -> int:
                           forward=args.forward, remote_shell=args.remote_shell, interface=args.network_interface)
     except DtrainError as e:
         raise SystemExit(f"dtrain-run: {e}") from None
-    os.environ.setdefault("DTRAIN_JOB_TOKEN", secrets.token_hex(32))
+    os.environ["DTRAIN_JOB_TOKEN"] = job_token()
     if args.dry_run:
         print(shlex.join(cmd))
         return 0
@@ -215,7 +214,7 @@ def _many_hosts(args: argparse.Namespace) -> int:
         raise SystemExit(f"dtrain-run: {e}") from None
     command = build_command(args)
     extra = ["--grace", str(args.grace)] + (["--no-prefix"] if args.no_prefix else [])
-    token = H.new_token()
+    token = job_token()
 
     def attempt(k: int):
         argvs = H.node_commands(hosts, command, args.master_addr or hosts[0][0], args.master_port, token,

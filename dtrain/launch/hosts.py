@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import shlex
 import signal
 import subprocess
@@ -24,7 +23,7 @@ import time
 from typing import List, Optional, Sequence, Tuple
 
 from dtrain.errors import DtrainError
-from dtrain.launch.local import describe_exit
+from dtrain.launch.local import describe_exit, exit_status, stop_sessions, watch
 
 Hosts = List[Tuple[str, int]]
 
@@ -141,51 +140,28 @@ class HostsJob:
         stream.close()
 
     def stop(self, first: int = signal.SIGTERM) -> None:
-        for sig in (first, signal.SIGKILL):
-            for p in self.procs:
-                if p.poll() is None:
-                    try:
-                        os.killpg(p.pid, sig)
-                    except ProcessLookupError:
-                        pass
-            deadline = time.monotonic() + self.grace
-            while sig != signal.SIGKILL and time.monotonic() < deadline and any(p.poll() is None for p in self.procs):
-                time.sleep(0.05)
-        for p in self.procs:
-            p.wait()
+        stop_sessions(self.procs, first, self.grace)
 
     def wait(self, timeout: Optional[float] = None) -> int:
         """0 when every node succeeded; else the first failed node's status, after the others
         stopped on their own (their collectives fail within seconds) or were stopped."""
-        start = time.monotonic()
-        while True:
-            codes = [p.poll() for p in self.procs]
-            failed = [(k, c) for k, c in enumerate(codes) if c not in (None, 0)]
-            if failed:
-                k, code = failed[0]
-                deadline = time.monotonic() + max(self.grace, 10.0)
-                while time.monotonic() < deadline and any(p.poll() is None for p in self.procs):
-                    time.sleep(0.1)
-                self.stop()
-                self._drain()
-                self.err.write(f"dtrain-run: node {k} ({self.hosts[k][0]}) failed ({describe_exit(code)}); the job is "
-                               "stopped on every host\n")
-                self.err.flush()
-                return code if code > 0 else 128 - code
-            if all(c == 0 for c in codes):
-                self._drain()
-                return 0
-            if timeout is not None and time.monotonic() - start > timeout:
-                self.stop()
-                self._drain()
-                self.err.write(f"dtrain-run: timed out after {timeout} s\n")
-                return 124
-            time.sleep(0.05)
+        k, code = watch(self.procs, timeout)
+        if k is not None:
+            deadline = time.monotonic() + max(self.grace, 10.0)
+            while time.monotonic() < deadline and any(p.poll() is None for p in self.procs):
+                time.sleep(0.1)
+        if k is not None or code:
+            self.stop()
+        self._drain()
+        if k is not None:
+            self.err.write(f"dtrain-run: node {k} ({self.hosts[k][0]}) failed ({describe_exit(code)}); the job is "
+                           "stopped on every host\n")
+            self.err.flush()
+            return exit_status(code)
+        if code:
+            self.err.write(f"dtrain-run: timed out after {timeout} s\n")
+        return code
 
     def _drain(self) -> None:
         for t in self._pumps:
             t.join(timeout=5)
-
-
-def new_token() -> str:
-    return os.environ.get("DTRAIN_JOB_TOKEN") or secrets.token_hex(32)

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from dtrain.errors import DtrainError
 
@@ -47,6 +47,53 @@ def describe_exit(code: int) -> str:
         except ValueError:
             return f"killed by signal {-code}"
     return f"exit code {code}"
+
+
+def exit_status(code: int) -> int:
+    """A shell's exit status for a process's return code (128 + signal when killed)."""
+    return code if code > 0 else 128 - code
+
+
+def job_token() -> str:
+    """The job's secret: DTRAIN_JOB_TOKEN when exported, else a fresh one."""
+    return os.environ.get("DTRAIN_JOB_TOKEN") or secrets.token_hex(32)
+
+
+def signal_sessions(procs: Sequence[subprocess.Popen], sig: int) -> None:
+    """`sig` to the session (process group) of every process still running."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+def stop_sessions(procs: Sequence[subprocess.Popen], first: int, grace: float) -> None:
+    """`first` to every running process's session, SIGKILL after `grace` seconds; waits for all."""
+    signal_sessions(procs, first)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+        time.sleep(0.05)
+    signal_sessions(procs, signal.SIGKILL)
+    for p in procs:
+        p.wait()
+
+
+def watch(procs: Sequence[subprocess.Popen], timeout: Optional[float] = None) -> Tuple[Optional[int], int]:
+    """Polls until a process fails, all succeed, or `timeout` seconds pass. Returns (index, return
+    code) of the first failure, (None, 0) when every one succeeded, (None, 124) on timeout."""
+    start = time.monotonic()
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+        if failed:
+            return failed[0]
+        if all(c == 0 for c in codes):
+            return None, 0
+        if timeout is not None and time.monotonic() - start > timeout:
+            return None, 124
+        time.sleep(0.05)
 
 
 def job_env(rank: int, size: int, port: int, token: str, base: Optional[Dict[str, str]] = None,
@@ -131,7 +178,7 @@ class LocalJob:
     def start(self) -> None:
         node = self.node
         if node is None:
-            token = os.environ.get("DTRAIN_JOB_TOKEN") or secrets.token_hex(32)
+            token = job_token()
             listener = store_listener()
             addr, port, host_id = "127.0.0.1", listener.getsockname()[1], None
         else:
@@ -201,52 +248,30 @@ class LocalJob:
                 sink.flush()
         stream.close()
 
-    def signal_all(self, sig: int) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, sig)
-                except ProcessLookupError:
-                    pass
-
     def stop(self, first: int = signal.SIGTERM) -> None:
         self.kill_all(first)
 
     def kill_all(self, first: int = signal.SIGTERM) -> None:
         """`first` to everyone still running, SIGKILL after the grace period."""
-        self.signal_all(first)
-        deadline = time.monotonic() + self.grace
-        while time.monotonic() < deadline and any(p.poll() is None for p in self.procs):
-            time.sleep(0.05)
-        self.signal_all(signal.SIGKILL)
-        for p in self.procs:
-            p.wait()
+        stop_sessions(self.procs, first, self.grace)
 
     def wait(self, timeout: Optional[float] = None) -> int:
         """Waits for every rank. On the first failure stops the rest and reports it.
 
         Returns the job's exit status: 0, or the failed rank's code (128+signal if killed).
         """
-        start = time.monotonic()
-        while True:
-            codes = [p.poll() for p in self.procs]
-            failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
-            if failed:
-                i, code = failed[0]
-                self.kill_all()
-                self._drain()
-                self._report(i, code)
-                return code if code > 0 else 128 - code
-            if all(c == 0 for c in codes):
-                self._drain()
-                return 0
-            if timeout is not None and time.monotonic() - start > timeout:
-                running = [self.first_rank + i for i, c in enumerate(codes) if c is None]
-                self.kill_all()
-                self._drain()
-                self.err.write(f"dtrain-run: timed out after {timeout} s; rank(s) {running} still running\n")
-                return 124
-            time.sleep(0.05)
+        i, code = watch(self.procs, timeout)
+        if i is None and code == 0:
+            self._drain()
+            return 0
+        running = [self.first_rank + k for k, p in enumerate(self.procs) if p.poll() is None]
+        self.kill_all()
+        self._drain()
+        if i is not None:
+            self._report(i, code)
+            return exit_status(code)
+        self.err.write(f"dtrain-run: timed out after {timeout} s; rank(s) {running} still running\n")
+        return 124
 
     def _drain(self) -> None:
         for t in self._pumps:

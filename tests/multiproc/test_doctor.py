@@ -39,12 +39,18 @@ def test_the_dtrain_command_needs_a_subcommand():
 needs_testbed = pytest.mark.skipif(tb.available() is not None, reason=str(tb.available()))
 
 
+@pytest.fixture
+def agent(tmp_path):
+    """The remote shell that reaches a test-bed host: CMD HOST 'COMMAND'."""
+    path = tmp_path / "ns-shell"
+    path.write_text(_NS_SHELL)
+    path.chmod(0o755)
+    return path
+
+
 @needs_testbed
 @pytest.mark.timeout(300)
-def test_hosts_pass_and_busbw_is_compared_with_the_link(tmp_path):
-    agent = tmp_path / "ns-shell"
-    agent.write_text(_NS_SHELL)
-    agent.chmod(0o755)
+def test_hosts_pass_and_busbw_is_compared_with_the_link(agent):
     with tb.Cluster(2, rate="1gbit") as c:
         p = _doctor("-H", ",".join(f"{h.netns}:2" for h in c.hosts), "--remote-shell", str(agent), "--master-addr",
                     c.hosts[0].addr, "--master-port", str(20000 + secrets.randbelow(20000)),
@@ -58,10 +64,7 @@ def test_hosts_pass_and_busbw_is_compared_with_the_link(tmp_path):
 
 @needs_testbed
 @pytest.mark.timeout(300)
-def test_an_unreachable_host_and_a_busy_port_are_named_with_a_fix(tmp_path):
-    agent = tmp_path / "ns-shell"
-    agent.write_text(_NS_SHELL)
-    agent.chmod(0o755)
+def test_an_unreachable_host_and_a_busy_port_are_named_with_a_fix(agent):
     port = 20000 + secrets.randbelow(20000)
     with tb.Cluster(1) as c:
         holder = c.popen(0, [sys.executable, "-c", f"import socket, time; s = socket.create_server(('', {port})); "
