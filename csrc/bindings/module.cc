@@ -55,6 +55,17 @@ struct PyGroup {
   }
 };
 
+Hierarchy parseHierarchy(const std::string& s) {
+  if (s == "auto") return Hierarchy::kAuto;
+  if (s == "flat") return Hierarchy::kFlat;
+  if (s == "hierarchical") return Hierarchy::kHierarchical;
+  DTRAIN_THROW(kConfig, "hierarchy='", s, "' is not one of 'auto', 'flat', 'hierarchical'");
+}
+
+const char* hierarchyName(Hierarchy h) {
+  return h == Hierarchy::kAuto ? "auto" : h == Hierarchy::kFlat ? "flat" : "hierarchical";
+}
+
 std::vector<std::unique_ptr<Pair>> loopbackPairs(LoopbackFabric* fabric, int rank, int world) {
   std::vector<std::unique_ptr<Pair>> pairs(world);
   for (int j = 0; j < world; ++j)
@@ -66,7 +77,8 @@ std::vector<std::unique_ptr<Pair>> loopbackPairs(LoopbackFabric* fabric, int ran
 // per rank; `counts` is per rank for allgather and alltoall (equal blocks).
 void loopbackRun(int world, const std::string& op, const std::vector<Ptr>& in, const std::vector<Ptr>& out,
                  const std::vector<uint64_t>& counts, DType dt, RedOp redop, std::optional<DType> wireOpt,
-                 int root, size_t ringBytes, uint64_t smallBytes) {
+                 int root, size_t ringBytes, uint64_t smallBytes, const std::vector<int>& hosts,
+                 const std::string& hierarchy) {
   const DType wire = wireOpt.value_or(dt);
   LoopbackFabric fabric(world, ringBytes);
   std::vector<std::exception_ptr> errors(world);
@@ -74,12 +86,13 @@ void loopbackRun(int world, const std::string& op, const std::vector<Ptr>& in, c
   for (int r = 0; r < world; ++r) {
     threads.emplace_back([&, r] {
       try {
-        Mesh mesh(r, world, loopbackPairs(&fabric, r, world));
+        Mesh mesh(r, world, loopbackPairs(&fabric, r, world), hosts);
         std::vector<int> ranks(world);
         for (int i = 0; i < world; ++i) ranks[i] = i;
         Group g(&mesh, ranks, 0, "loopback", 30.0);
         g.setSmallBytes(smallBytes);
         g.setCompressWire(true);
+        g.setHierarchy(parseHierarchy(hierarchy));
         if (op == "allreduce") g.allreduce(P(in[r]), counts[r], dt, redop, wire);
         else if (op == "broadcast") g.broadcast(P(in[r]), counts[r], dt, root);
         else if (op == "allgather") g.allgather(P(in[r]), P(out[r]), counts, dt);
@@ -193,6 +206,12 @@ PYBIND11_MODULE(_C, m) {
                     "members share memory on one host, unless DTRAIN_SHM_COMPRESSION=1).")
       .def_property("small_bytes", [](PyGroup& g) { return g.group->smallBytes(); },
                     [](PyGroup& g, uint64_t b) { g.group->setSmallBytes(b); })
+      .def_property("hierarchy", [](PyGroup& g) { return std::string(hierarchyName(g.group->hierarchy())); },
+                    [](PyGroup& g, const std::string& h) { g.group->setHierarchy(parseHierarchy(h)); },
+                    "How allreduce crosses hosts: 'auto' (hierarchical where the layout allows it, past "
+                    "small_bytes), 'flat' (one ring) or 'hierarchical'. Default from DTRAIN_HIERARCHICAL.")
+      .def_property_readonly("hierarchical_layout", [](PyGroup& g) { return g.group->hierarchicalLayout(); },
+                             "True when members sit on 2+ hosts with the same number (2+) on each.")
       .def("allreduce", [](PyGroup& g, Ptr buf, uint64_t n, DType dt, RedOp op, DType wire, bool async) {
              Group* G = g.group.get();
              return g.dispatch(async, [=] { G->allreduce(P(buf), n, dt, op, wire); });
@@ -231,9 +250,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("loopback_run", &loopbackRun, py::arg("world"), py::arg("op"), py::arg("inputs"), py::arg("outputs"),
         py::arg("counts"), py::arg("dtype"), py::arg("redop") = RedOp::kSum, py::arg("wire") = py::none(),
         py::arg("root") = 0, py::arg("ring_bytes") = size_t(1) << 16, py::arg("small_bytes") = uint64_t(0),
-        Release(),
+        py::arg("hosts") = std::vector<int>{}, py::arg("hierarchy") = "auto", Release(),
         "Runs one collective on `world` threads over the in-process loopback transport (unit tests). "
-        "small_bytes=0 forces the ring allreduce.");
+        "small_bytes=0 forces the ring allreduce; hosts[r] places rank r on a host (default: one each).");
   m.def("ring_segments", [](uint64_t count, int n) {
           std::vector<std::pair<uint64_t, uint64_t>> out;
           for (int s = 0; s < n; ++s) out.emplace_back(ringSegStart(count, n, s), ringSegCount(count, n, s));

@@ -153,7 +153,7 @@ RingAllgather::RingAllgather(Group& g, const uint8_t* in, uint8_t* out, const st
     offsets_[i] = off;
     off += bytes[i];
   }
-  std::memcpy(out_ + offsets_[r_], in_, bytes[r_]);
+  if (in_ != out_ + offsets_[r_]) std::memcpy(out_ + offsets_[r_], in_, bytes[r_]);  // in place: already there
   for (int k = 0; k < n_ - 1; ++k) {
     outCur_.add(bytes[blockOf(k)]);
     inCur_.add(bytes[blockOf(k + 1)]);

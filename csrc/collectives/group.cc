@@ -1,12 +1,16 @@
 #include "collectives/group.h"
 
 #include <algorithm>
+#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <set>
 #include <sstream>
+#include <thread>
 
 #include "collectives/algorithms.h"
+#include "collectives/reduce_kernels.h"
 
 namespace dtrain {
 namespace {
@@ -15,6 +19,26 @@ uint64_t defaultSmallBytes() {
   static uint64_t v = [] {
     const char* s = std::getenv("DTRAIN_SMALL_BYTES");
     return s ? std::strtoull(s, nullptr, 10) : uint64_t(64) << 10;
+  }();
+  return v;
+}
+
+Hierarchy defaultHierarchy() {
+  const char* s = std::getenv("DTRAIN_HIERARCHICAL");
+  if (!s || !*s || std::strcmp(s, "auto") == 0) return Hierarchy::kAuto;
+  if (std::strcmp(s, "0") == 0) return Hierarchy::kFlat;
+  if (std::strcmp(s, "1") == 0) return Hierarchy::kHierarchical;
+  DTRAIN_THROW(kConfig, "DTRAIN_HIERARCHICAL=", s, " is not one of auto, 0 (always one flat ring) or 1 "
+               "(hierarchical wherever each host holds the same number of ranks)");
+}
+
+// The hierarchical allreduce works through the buffer in chunks of about this many bytes, so
+// that one chunk crosses the hosts while the next is reduced within them.
+uint64_t hierarchyChunkBytes() {
+  static uint64_t v = [] {
+    const char* s = std::getenv("DTRAIN_HIERARCHY_CHUNK_BYTES");
+    uint64_t b = s ? std::strtoull(s, nullptr, 10) : 0;
+    return b ? b : uint64_t(4) << 20;
   }();
   return v;
 }
@@ -39,6 +63,68 @@ Group::Group(Mesh* mesh, std::vector<int> ranks, uint32_t id, std::string name, 
   for (int r : ranks_) allShm = allShm && mesh->isLocal(r);
   const char* force = std::getenv("DTRAIN_SHM_COMPRESSION");
   compressWire_ = !allShm || (force && std::strcmp(force, "0") != 0 && *force);
+  hierarchy_ = defaultHierarchy();
+  buildHierarchy();
+}
+
+uint32_t Group::subgroupId(uint32_t tag) const {
+  // User groups have the top bit clear (comm/group.py); sub-groups set it. Board slot 0 is the world's.
+  uint32_t v = ((id_ * 2654435761u) ^ (tag * 0x85EBCA6Bu) ^ (tag >> 7)) | 0x80000000u;
+  return v % kGroupSlots == 0 ? v ^ 1u : v;
+}
+
+void Group::buildHierarchy() {
+  if (me_ < 0) return;
+  // Hosts in the order of their first member; each host's members in group-rank order.
+  std::vector<int> hosts;
+  std::vector<std::vector<int>> members;
+  int myHost = 0, myIndex = 0;
+  for (int g = 0; g < size(); ++g) {
+    const int h = mesh_->hostOf(ranks_[g]);
+    size_t k = std::find(hosts.begin(), hosts.end(), h) - hosts.begin();
+    if (k == hosts.size()) {
+      hosts.push_back(h);
+      members.emplace_back();
+    }
+    if (g == me_) {
+      myHost = static_cast<int>(k);
+      myIndex = static_cast<int>(members[k].size());
+    }
+    members[k].push_back(ranks_[g]);
+  }
+  const size_t perHost = members[0].size();
+  if (hosts.size() < 2 || perHost < 2) return;
+  for (const auto& m : members)
+    if (m.size() != perHost) return;
+  std::vector<int> cross;
+  for (const auto& m : members) cross.push_back(m[myIndex]);
+  local_ = std::make_unique<Group>(mesh_, members[myHost], subgroupId(1 + myHost),
+                                   name_ + "/host" + std::to_string(myHost), timeout_);
+  cross_ = std::make_unique<Group>(mesh_, cross, subgroupId(0x10000 + myIndex),
+                                   name_ + "/across" + std::to_string(myIndex), timeout_);
+  local_->setSmallBytes(smallBytes_);
+  cross_->setSmallBytes(smallBytes_);
+  cross_->setCompressWire(compressWire_);
+}
+
+void Group::setTimeout(double t) {
+  timeout_ = t;
+  if (local_) local_->setTimeout(t), cross_->setTimeout(t);
+}
+
+void Group::setSmallBytes(uint64_t b) {
+  smallBytes_ = b;
+  if (local_) local_->setSmallBytes(b), cross_->setSmallBytes(b);
+}
+
+void Group::setCompressWire(bool on) {
+  compressWire_ = on;
+  if (cross_) cross_->setCompressWire(on);
+}
+
+bool Group::takesHierarchy(uint64_t count, DType wire) const {
+  if (!local_ || hierarchy_ == Hierarchy::kFlat || count < static_cast<uint64_t>(size())) return false;
+  return hierarchy_ == Hierarchy::kHierarchical || count * dtypeSize(wire) > smallBytes_;
 }
 
 void Group::requireMember(const char* what) const {
@@ -102,6 +188,9 @@ void Group::checkHealth(Collective& c, double idleSeconds) {
   std::string why;
   if (board.valid() && board.aborted(&who, &why) && who != mesh_->rank())
     DTRAIN_THROW(kComm, "rank ", who, " aborted: ", why, " (this rank's streams:", legProgress(*this, c), ")");
+  // Another thread of this rank failed (the hierarchical allreduce runs two at once).
+  if (mesh_->broken(&why))
+    DTRAIN_THROW(kComm, "communication broke on this rank while ", c.describe(), " ran: ", why);
   for (auto* legs : {&c.ins, &c.outs})
     for (Leg& l : *legs)
       if (!l.finished()) l.pair->checkPeer();
@@ -148,6 +237,12 @@ void Group::allreduce(void* buf, uint64_t count, DType dt, RedOp op, DType wire)
   DTRAIN_CHECK(wire == dt || (dt == DType::kFloat32 && isHalf(wire)), kConfig, "compression=",
                wire == DType::kFloat16 ? "'fp16'" : "'bf16'", " applies to float32 tensors, got ",
                dtypeName(dt), ": pass compression=None for this tensor");
+  if (takesHierarchy(count, compressWire_ ? wire : dt)) {
+    requireMember("allreduce");
+    ++seq_;  // this group's call count stays what it would be on the flat path
+    hierarchicalAllreduce(static_cast<uint8_t*>(buf), count, dt, op, wire);
+    return;
+  }
   Descriptor d = begin(Kind::kAllreduce, dt, count, op, wire);
   if (size() == 1) return;
   if (!compressWire_) wire = dt;  // the descriptor still carries what the caller asked for
@@ -159,6 +254,106 @@ void Group::allreduce(void* buf, uint64_t count, DType dt, RedOp op, DType wire)
     RingReduce c(*this, p, count, dt, op, wire, /*allgather=*/true, /*shift=*/0, d);
     runCollective(*this, c);
   }
+}
+
+// Chunk by chunk: the host's ranks reduce-scatter the chunk over shared memory (local rank k
+// ends up holding the host's sum of segment k), the ranks with local index k on every host
+// allreduce segment k across the hosts (compressed, if asked), and the host's ranks allgather
+// the segments. Across-host traffic per host falls from 2(n-1)/n of the buffer (one flat ring
+// through every rank) to 2(H-1)/H, spread over L streams instead of one. A second thread
+// carries chunk c across the hosts while this one reduces chunk c+1 and gathers chunk c-1;
+// the two touch disjoint pairs (shared memory within the host, TCP across), and every rank
+// runs the same schedule, so each pair sees the same order of calls on both ends.
+void Group::hierarchicalAllreduce(uint8_t* buf, uint64_t count, DType dt, RedOp op, DType wire) {
+  const RedOp part = op == RedOp::kAvg ? RedOp::kSum : op;  // divide once, by the world, at the end
+  const size_t dsz = dtypeSize(dt);
+  const int L = local_->size(), li = local_->rank();
+  const uint64_t nChunks = std::max<uint64_t>(1, count * dsz / hierarchyChunkBytes());
+  auto chunkStart = [&](uint64_t c) { return ringSegStart(count, static_cast<int>(nChunks), static_cast<int>(c)); };
+  auto chunkCount = [&](uint64_t c) { return ringSegCount(count, static_cast<int>(nChunks), static_cast<int>(c)); };
+
+  auto reduceWithinHost = [&](uint64_t c) {
+    Descriptor d = local_->begin(Kind::kAllreduce, dt, chunkCount(c), part, dt);
+    RingReduce rs(*local_, buf + chunkStart(c) * dsz, chunkCount(c), dt, part, dt, /*allgather=*/false,
+                  /*shift=*/-1, d);
+    runCollective(*local_, rs);
+  };
+  auto acrossHosts = [&](uint64_t c) {
+    uint8_t* seg = buf + (chunkStart(c) + ringSegStart(chunkCount(c), L, li)) * dsz;
+    const uint64_t n = ringSegCount(chunkCount(c), L, li);
+    cross_->allreduce(seg, n, dt, part, wire);
+    if (op == RedOp::kAvg) kernels().scale(dt, seg, n, 1.0 / size());
+  };
+  auto gatherWithinHost = [&](uint64_t c) {
+    std::vector<uint64_t> bytes(L);
+    for (int s = 0; s < L; ++s) bytes[s] = ringSegCount(chunkCount(c), L, s) * dsz;
+    Descriptor d = local_->begin(Kind::kAllgather, dt, bytes[li] / dsz, RedOp::kSum, dt);
+    uint8_t* chunk = buf + chunkStart(c) * dsz;
+    RingAllgather ag(*local_, chunk + ringSegStart(chunkCount(c), L, li) * dsz, chunk, bytes, d);
+    runCollective(*local_, ag);
+  };
+
+  if (nChunks == 1) {
+    reduceWithinHost(0);
+    acrossHosts(0);
+    gatherWithinHost(0);
+    return;
+  }
+  std::mutex mu;
+  std::condition_variable cv;
+  uint64_t reduced = 0, crossed = 0;
+  bool stop = false;
+  std::exception_ptr crossError;
+  std::thread across([&] {
+    try {
+      for (uint64_t c = 0; c < nChunks; ++c) {
+        {
+          std::unique_lock<std::mutex> g(mu);
+          cv.wait(g, [&] { return stop || reduced > c; });
+          if (stop) return;
+        }
+        acrossHosts(c);
+        std::lock_guard<std::mutex> g(mu);
+        crossed = c + 1;
+        cv.notify_all();
+      }
+    } catch (...) {
+      std::lock_guard<std::mutex> g(mu);
+      crossError = std::current_exception();
+      stop = true;
+      cv.notify_all();
+    }
+  });
+  auto halt = [&] {
+    {
+      std::lock_guard<std::mutex> g(mu);
+      stop = true;
+      cv.notify_all();
+    }
+    across.join();
+  };
+  try {
+    for (uint64_t step = 0; step <= nChunks; ++step) {
+      if (step < nChunks) {
+        reduceWithinHost(step);
+        std::lock_guard<std::mutex> g(mu);
+        reduced = step + 1;
+        cv.notify_all();
+      }
+      if (step == 0) continue;
+      {
+        std::unique_lock<std::mutex> g(mu);
+        cv.wait(g, [&] { return crossError || crossed >= step; });
+        if (crossError) break;
+      }
+      gatherWithinHost(step - 1);
+    }
+  } catch (...) {
+    halt();
+    throw;
+  }
+  halt();
+  if (crossError) std::rethrow_exception(crossError);
 }
 
 void Group::broadcast(void* buf, uint64_t count, DType dt, int root) {

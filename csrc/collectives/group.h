@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -13,6 +14,12 @@
 #include "transport/mesh.h"
 
 namespace dtrain {
+
+// How an allreduce crosses hosts. kAuto: hierarchically (reduce-scatter within each host,
+// allreduce across hosts, allgather within) where the layout allows it and the message is past
+// smallBytes(); kFlat: one ring over every member; kHierarchical: hierarchically whenever the
+// layout allows it. DTRAIN_HIERARCHICAL=auto|0|1 sets the default.
+enum class Hierarchy { kAuto, kFlat, kHierarchical };
 
 class Group {
  public:
@@ -26,12 +33,19 @@ class Group {
   const std::string& name() const { return name_; }
   uint32_t id() const { return id_; }
   double timeout() const { return timeout_; }
-  void setTimeout(double t) { timeout_ = t; }
+  void setTimeout(double t);
   // Allreduces of at most this many wire bytes take the one-hop direct path.
   uint64_t smallBytes() const { return smallBytes_; }
-  void setSmallBytes(uint64_t b) { smallBytes_ = b; }
+  void setSmallBytes(uint64_t b);
   bool compressesWire() const { return compressWire_; }
-  void setCompressWire(bool on) { compressWire_ = on; }
+  void setCompressWire(bool on);
+  Hierarchy hierarchy() const { return hierarchy_; }
+  void setHierarchy(Hierarchy h) { hierarchy_ = h; }
+  // True when the members sit on two or more hosts with the same number (two or more) on each:
+  // the layout a hierarchical allreduce needs.
+  bool hierarchicalLayout() const { return local_ != nullptr; }
+  // Whether allreduce(count elements, `wire` on the wire) takes the hierarchical path.
+  bool takesHierarchy(uint64_t count, DType wire) const;
   Mesh& mesh() { return *mesh_; }
 
   // In place on `buf`. `wire` != dtype sends fp16/bf16 and accumulates in float32.
@@ -60,6 +74,9 @@ class Group {
   Descriptor begin(Kind kind, DType dt, uint64_t count, RedOp op = RedOp::kSum, DType wire = DType::kFloat32,
                    int root = 0, bool collective = true);
   void requireMember(const char* what) const;
+  void buildHierarchy();
+  uint32_t subgroupId(uint32_t tag) const;
+  void hierarchicalAllreduce(uint8_t* buf, uint64_t count, DType dt, RedOp op, DType wire);
 
   Mesh* mesh_;
   std::vector<int> ranks_;
@@ -74,6 +91,10 @@ class Group {
   // false when every member shares this host's memory (DTRAIN_SHM_COMPRESSION=1 forces true).
   bool compressWire_ = true;
   std::vector<uint8_t> scratch_;
+  Hierarchy hierarchy_ = Hierarchy::kAuto;
+  // The hierarchical path's sub-groups: this rank's host, and the ranks with this rank's local
+  // index on every host. Null unless hierarchicalLayout().
+  std::unique_ptr<Group> local_, cross_;
 };
 
 }  // namespace dtrain

@@ -55,6 +55,8 @@ Mesh::Mesh(const MeshOptions& o) : opts_(o) {
   hostId_ = o.hostId.empty() ? detectHostId() : o.hostId;
   pairs_.resize(o.size);
   local_.assign(o.size, false);
+  host_.resize(o.size);
+  for (int r = 0; r < o.size; ++r) host_[r] = r;
   localRanks_ = {o.rank};
   if (o.size == 1) return;
 
@@ -73,10 +75,17 @@ Mesh::Mesh(const MeshOptions& o) : opts_(o) {
   store_->set("peer/" + std::to_string(o.rank), me.str());
 
   std::vector<std::string> addrs(o.size);
+  std::vector<std::string> hostIds(o.size);
   std::vector<int> ports(o.size), pids(o.size);
   for (int r = 0; r < o.size; ++r) {
     auto f = split(store_->get("peer/" + std::to_string(r), o.timeout), '|');
     DTRAIN_CHECK(f.size() == 4, kRendezvous, "malformed rendezvous record from rank ", r);
+    hostIds[r] = f[0];
+    for (int q = 0; q < r && o.transport != "tcp"; ++q)
+      if (hostIds[q] == f[0]) {
+        host_[r] = host_[q];
+        break;
+      }
     pids[r] = std::stoi(f[1]);
     addrs[r] = f[2];
     ports[r] = std::stoi(f[3]);
@@ -122,10 +131,15 @@ Mesh::Mesh(const MeshOptions& o) : opts_(o) {
   inbound_.unlink();
 }
 
-Mesh::Mesh(int rank, int size, std::vector<std::unique_ptr<Pair>> pairs) : pairs_(std::move(pairs)) {
+Mesh::Mesh(int rank, int size, std::vector<std::unique_ptr<Pair>> pairs, std::vector<int> hosts)
+    : pairs_(std::move(pairs)), host_(std::move(hosts)) {
   opts_.rank = rank;
   opts_.size = size;
   local_.assign(size, false);
+  if (host_.empty())
+    for (int r = 0; r < size; ++r) host_.push_back(r);
+  DTRAIN_CHECK(static_cast<int>(host_.size()) == size, kConfig, "loopback mesh: ", host_.size(),
+               " host entries for ", size, " ranks");
   localRanks_ = {rank};
   spinLimit_ = 64;  // threads of one test share the cores
 }

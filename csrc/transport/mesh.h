@@ -33,7 +33,8 @@ class Mesh {
  public:
   explicit Mesh(const MeshOptions& o);
   // A mesh over ready-made pairs (the loopback fake in unit tests): no store, no board.
-  Mesh(int rank, int size, std::vector<std::unique_ptr<Pair>> pairs);
+  // `hosts[r]` (optional) is hostOf(r), for testing layouts of several ranks per host.
+  Mesh(int rank, int size, std::vector<std::unique_ptr<Pair>> pairs, std::vector<int> hosts = {});
   ~Mesh();
   Mesh(const Mesh&) = delete;
   Mesh& operator=(const Mesh&) = delete;
@@ -43,6 +44,8 @@ class Mesh {
   int localRank() const { return localRank_; }
   int localSize() const { return static_cast<int>(localRanks_.size()); }
   bool isLocal(int r) const { return r == opts_.rank || local_[r]; }
+  // The lowest rank sharing memory with `r`: equal values mean one host (same on every rank).
+  int hostOf(int r) const { return host_[r]; }
   Pair* pair(int r) const { return pairs_[r].get(); }
   Board& board() { return board_; }
   StoreClient* store() const { return store_.get(); }
@@ -65,6 +68,7 @@ class Mesh {
   std::unique_ptr<StoreClient> store_;
   std::vector<std::unique_ptr<Pair>> pairs_;
   std::vector<bool> local_;
+  std::vector<int> host_;
   std::vector<int> localRanks_;
   int localRank_ = 0;
   Board board_;
