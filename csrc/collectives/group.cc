@@ -228,6 +228,8 @@ void Group::fail(Collective& c, const Error& e) {
                         std::to_string(mesh_->rank()) + ": ";
   if (msg.rfind(c.describe(), 0) == 0) context.clear();  // already says which call
   mesh_->breakWith(context + msg);
+  const std::string earlier = mesh_->earlierFailure();
+  if (!earlier.empty()) msg += "; the job had already failed at " + earlier;
   throw Error(e.kind(), context + msg);
 }
 

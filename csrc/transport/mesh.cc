@@ -236,9 +236,28 @@ void Mesh::breakWith(const std::string& reason) {
     broken_ = reason;
   }
   if (board_.valid()) board_.abort(opts_.rank, reason);
+  // Before our connections close (which is all a remote rank sees): the first rank to fail
+  // posts why; the others read it. A dead or stuck store costs at most a couple of seconds.
+  if (store_) {
+    std::string earlier;
+    try {
+      if (store_->add("abort/count", 1, 1.0) == 1)
+        store_->set("abort/first", "rank " + std::to_string(opts_.rank) + ": " + reason, 1.0);
+      else
+        earlier = store_->get("abort/first", 1.0);
+    } catch (const Error&) {
+    }
+    std::lock_guard<std::mutex> g(mu_);
+    earlier_ = earlier;
+  }
   // Remote peers learn from the closed connection.
   for (auto& p : pairs_)
     if (auto* t = dynamic_cast<TcpPair*>(p.get())) t->shutdown();
+}
+
+std::string Mesh::earlierFailure() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return earlier_;
 }
 
 bool Mesh::broken(std::string* why) const {

@@ -53,9 +53,13 @@ class Mesh {
   uint64_t spinLimit() const { return spinLimit_; }
   const std::string& hostId() const { return hostId_; }
 
-  // First failure wins; later calls keep the first reason.
+  // First failure wins; later calls keep the first reason. The job's first failure is also
+  // posted to the rendezvous store, so ranks on other hosts, which only see a connection
+  // close, can say what went wrong where it started.
   void breakWith(const std::string& reason);
   bool broken(std::string* why) const;
+  // What another rank reported as the job's first failure ("" when it was this rank's, or unknown).
+  std::string earlierFailure() const;
 
  private:
   void connectTcp(const std::vector<std::string>& addrs, const std::vector<int>& ports,
@@ -77,6 +81,7 @@ class Mesh {
   uint64_t spinLimit_ = 20000;
   mutable std::mutex mu_;
   std::string broken_;
+  std::string earlier_;
 };
 
 }  // namespace dtrain

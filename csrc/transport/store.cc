@@ -166,8 +166,8 @@ std::string StoreClient::request(uint8_t op, const std::string& key, const std::
   return out;
 }
 
-void StoreClient::set(const std::string& key, const std::string& value) {
-  request(kSet, key, value, timeout_);
+void StoreClient::set(const std::string& key, const std::string& value, double timeout) {
+  request(kSet, key, value, timeout < 0 ? timeout_ : timeout);
 }
 
 std::string StoreClient::get(const std::string& key, double timeout) {
@@ -175,9 +175,9 @@ std::string StoreClient::get(const std::string& key, double timeout) {
   return request(kGet, key, wait, timeout);
 }
 
-int64_t StoreClient::add(const std::string& key, int64_t delta) {
+int64_t StoreClient::add(const std::string& key, int64_t delta, double timeout) {
   std::string v(reinterpret_cast<const char*>(&delta), 8);
-  std::string out = request(kAdd, key, v, timeout_);
+  std::string out = request(kAdd, key, v, timeout < 0 ? timeout_ : timeout);
   int64_t r;
   std::memcpy(&r, out.data(), 8);
   return r;

@@ -48,10 +48,11 @@ class StoreClient {
  public:
   StoreClient(const std::string& host, int port, std::string token, double timeout);
 
-  void set(const std::string& key, const std::string& value);
+  // `timeout` < 0: the client's own. A short one suits a job that is already failing.
+  void set(const std::string& key, const std::string& value, double timeout = -1);
   // Waits until `key` exists (up to `timeout` seconds) and returns its value.
   std::string get(const std::string& key, double timeout);
-  int64_t add(const std::string& key, int64_t delta);
+  int64_t add(const std::string& key, int64_t delta, double timeout = -1);
   // Waits until `n` callers have reached the barrier called `name`.
   void barrier(const std::string& name, int n, double timeout);
 

@@ -34,3 +34,17 @@ def test_bad_input_raises_config_error_naming_the_fix():
         for needle in ("complex64", "bool", "median", "floating-point", "float32 tensors", "int4",
                        "meta", "torch.Tensor", "root 99", "divisible", "splits"):
             assert needle in joined, needle
+
+
+@pytest.mark.parametrize("hosts, per_host", [(2, 2), (2, 3)])
+def test_hierarchical_allreduce_across_fake_hosts(hosts, per_host):
+    """Real processes, host ids faked per rank: shared memory within a host, TCP between hosts;
+    the hierarchical path (chunked and pipelined at 9 MiB) agrees with the reference and is
+    bitwise identical on every rank."""
+    n = hosts * per_host
+    results = ranks(workers.hierarchical, n, per_host, 7 * n, timeout=280)
+    for r, (layout, transports, digests) in enumerate(results):
+        assert layout, f"rank {r} did not see {hosts} hosts of {per_host}"
+        assert transports == {j: ("shm" if j // per_host == r // per_host else "tcp") for j in range(n) if j != r}
+        for hierarchy in ("flat", "hierarchical"):
+            assert digests[hierarchy] == results[0][2][hierarchy], f"rank {r} disagrees ({hierarchy})"

@@ -104,3 +104,38 @@ print("RESULT", t.tolist())
     assert "REFUSED 1" in out
     assert out.count("RESULT [2.0, 2.0, 2.0]") == 2
     assert "refused a rendezvous connection" in err and "DTRAIN_JOB_TOKEN" in err
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("victim", [1, 2])
+def test_dead_rank_mid_hierarchical_allreduce_is_named_on_every_host(tmp_path, victim):
+    """2 fake hosts x 2 ranks; the pipelined hierarchical path (two threads per rank) still fails
+    fast, naming the rank that died, whether it shared this rank's host (shm) or not (TCP)."""
+    rc, out, err, secs = script(tmp_path, HEADER + f"""
+os.environ["DTRAIN_HOST_ID"] = "fakehost" + str(int(os.environ["DTRAIN_RANK"]) // 2)
+dtrain.init(timeout=60)
+assert dtrain.comm.group.current().default._native.hierarchical_layout
+big = torch.ones(16 << 20)
+dtrain.allreduce(big)
+assert big[0].item() == 4.0
+if dtrain.rank() == {victim}:
+    work = dtrain.allreduce(big, async_op=True)
+    time.sleep(0.05)
+    os.kill(os.getpid(), 9)
+start = time.monotonic()
+try:
+    dtrain.allreduce(big)
+    dtrain.allreduce(big)
+    print("NO ERROR")
+except dtrain.CommError as e:
+    print(f"CAUGHT after {{time.monotonic() - start:.1f}}s: {{e}}")
+    sys.exit(3)
+""", 4, "--grace", "5")
+    assert rc != 0
+    assert secs < 30, secs
+    caught = [line for line in out.splitlines() if "CAUGHT" in line]
+    assert caught, out + err
+    assert "NO ERROR" not in out
+    for line in caught:
+        assert f"rank {victim}" in line, line
+        assert float(re.search(r"after ([0-9.]+)s", line).group(1)) < 10

@@ -166,12 +166,15 @@ _JOB = textwrap.dedent("""
     dtrain.init(timeout=30)
     r, n = dtrain.rank(), dtrain.world_size()
     world = dtrain.comm.group.current().world
-    out = {"transports": {j: world.transport_to(j) for j in range(n) if j != r}}
-    for count in (0, 1, 7, 100003):
-        for comp in (None, "fp16"):
-            t = torch.arange(count, dtype=torch.float32) * 0.01 + r
+    native = dtrain.comm.group.current().default._native
+    out = {"transports": {j: world.transport_to(j) for j in range(n) if j != r},
+           "hierarchical_layout": native.hierarchical_layout}
+    for hierarchy, count, comp in [(h, c, z) for h in ("flat", "hierarchical") for c in (0, 1, 7, 100003, 2359301)
+                                   for z in (None, "fp16")]:
+            native.hierarchy = hierarchy
+            t = (torch.arange(count) % 1000).float() * 0.01 + r  # within fp16's range when summed
             dtrain.allreduce(t, compression=comp)
-            ref = (torch.arange(count, dtype=torch.float64) * 0.01 * n + sum(range(n)))
+            ref = (torch.arange(count) % 1000).double() * 0.01 * n + sum(range(n))
             # fp32: n float32 roundings; fp16 wire: 11-bit mantissa, rounded at each of n hops.
             rel = 4 * n * 2.0 ** -24 if comp is None else 2 * n * 2.0 ** -11
             err = (t.double() - ref).abs().max().item() if count else 0.0
@@ -188,7 +191,9 @@ _JOB = textwrap.dedent("""
 
 @pytest.mark.parametrize("hosts, per_host", [(2, 1), (2, 2), (3, 1)])
 def test_collectives_across_hosts(tmp_path, hosts, per_host):
-    """Ranks on one host share memory, ranks on different hosts talk TCP, and the sums are right."""
+    """Ranks on one host share memory, ranks on different hosts talk TCP, and the sums are right,
+    through the flat ring and (with 2 ranks per host) the hierarchical allreduce, whose 9 MiB case
+    runs in pipelined chunks."""
     job = tmp_path / "job.py"
     job.write_text(_JOB)
     n = hosts * per_host
@@ -206,9 +211,10 @@ def test_collectives_across_hosts(tmp_path, hosts, per_host):
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         logs = [p.communicate(timeout=120)[0] for p in procs]
         assert [p.returncode for p in procs] == [0] * n, "\n".join(logs)
-    transports = json.loads(out.read_text())["transports"]
+    got = json.loads(out.read_text())
     expect = {str(j): ("shm" if j // per_host == 0 else "tcp") for j in range(1, n)}
-    assert transports == expect
+    assert got["transports"] == expect
+    assert got["hierarchical_layout"] == (per_host > 1)
 
 
 # ------------------------------------------------------------ one dtrain-run per node

@@ -139,3 +139,40 @@ def bad_inputs():
 
 def env_flag(name):
     return os.environ.get(name)
+
+
+def hierarchical(per_host, seed):
+    """Ranks on hosts of `per_host` (host ids faked, so hosts talk TCP over loopback): the flat
+    ring and the hierarchical allreduce, each against the float64 reference.
+
+    Returns (layout flag, transports, digests per hierarchy) so the test can check that every
+    rank holds the same bits.
+    """
+    torch.set_num_threads(1)
+    os.environ["DTRAIN_HOST_ID"] = f"fakehost{int(os.environ['DTRAIN_RANK']) // per_host}"
+    dtrain.init(timeout=60)
+    r, n = dtrain.rank(), dtrain.world_size()
+    world = dtrain.comm.group.current()
+    native = world.default._native
+    digests = {}
+    for hierarchy in ("flat", "hierarchical"):
+        native.hierarchy = hierarchy
+        out = digests[hierarchy] = []
+        for dtype in (torch.float32, torch.float64, torch.int64, torch.float16):
+            for op in OPS:
+                if op == "avg" and not dtype.is_floating_point:
+                    continue
+                for size in (0, 1, 7, 100003) if dtype != torch.float32 else (0, 1, 7, 100003, (9 << 20) // 4 + 5):
+                    inputs = [rank_input(seed + size, j, dtype, size, op) for j in range(n)]
+                    got = dtrain.allreduce(inputs[r].clone(), op=op)
+                    check(got, inputs, op, dtype, what=f"{hierarchy} allreduce {dtype} {op} n={size}")
+                    out.append(digest(got))
+        for compression in ("fp16", "bf16"):
+            inputs = [rank_input(seed + 1, j, torch.float32, 300007, "sum") for j in range(n)]
+            got = dtrain.allreduce(inputs[r].clone(), compression=compression)
+            check(got, inputs, "sum", torch.float32, compression=compression, what=f"{hierarchy} {compression}")
+            out.append(digest(got))
+    transports = {j: world.world.transport_to(j) for j in range(n) if j != r}
+    layout = native.hierarchical_layout
+    dtrain.shutdown()
+    return layout, transports, digests
