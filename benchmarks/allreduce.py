@@ -73,7 +73,10 @@ def time_interleaved(calls, barrier, sizes, quick, make):
 
 # ---------------------------------------------------------------- workers
 
-DTRAIN_VARIANTS = {"dtrain": None, "dtrain-fp16": "fp16", "dtrain-bf16": "bf16"}
+# name: (compression, hierarchy). Plain "dtrain" is what a user gets (hierarchy "auto": hierarchical
+# where each host holds 2+ ranks); the -flat variants force one ring through every rank.
+DTRAIN_VARIANTS = {"dtrain": (None, "auto"), "dtrain-fp16": ("fp16", "auto"), "dtrain-bf16": ("bf16", "auto"),
+                   "dtrain-flat": (None, "flat"), "dtrain-flat-fp16": ("fp16", "flat")}
 
 
 def worker_dtrain(sizes, quick, variants):
@@ -82,7 +85,13 @@ def worker_dtrain(sizes, quick, variants):
     import dtrain
     torch.set_num_threads(1)
     dtrain.init(timeout=120)
-    calls = {v: (lambda t, c=DTRAIN_VARIANTS[v]: dtrain.allreduce(t, compression=c)) for v in variants}
+    world = dtrain.comm.group.current().default._native
+
+    def call(t, compression, hierarchy):
+        world.hierarchy = hierarchy
+        dtrain.allreduce(t, compression=compression)
+
+    calls = {v: (lambda t, c=DTRAIN_VARIANTS[v]: call(t, *c)) for v in variants}
     res = time_interleaved(calls, dtrain.barrier, sizes, quick, lambda n: torch.randn(n))
     dtrain.shutdown()
     return res
@@ -209,7 +218,7 @@ def run_on_testbed(cluster, kind, ranks, sizes, quick, log):
     import secrets
     import tempfile
     if kind == "mpi":
-        return None, "mpirun across the test bed's namespaces needs the remote-shell agent of [P5]"
+        return mpi_on_testbed(cluster, ranks, sizes, quick, log)
     if kind == "link" and ranks != 2:
         return None, "the link peer measures one pair of hosts (2 ranks)"
     name = ",".join(kind) if isinstance(kind, tuple) else kind
@@ -251,6 +260,40 @@ def run_on_testbed(cluster, kind, ranks, sizes, quick, log):
     if isinstance(kind, tuple):
         return {v: {int(k): t for k, t in raw[v].items()} for v in kind}, None
     return {int(k): t for k, t in raw.items()}, None
+
+
+def mpi_on_testbed(cluster, ranks, sizes, quick, log):
+    """Open MPI's MPI_Allreduce (through mpi4py) with mpirun on host 0 starting its daemons on the
+    other hosts through the namespace agent, as `dtrain-run --mpi --remote-shell` does."""
+    import tempfile
+    mpirun = shutil.which("mpirun")
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return None, "mpi4py is not installed (pip install 'dtrain[mpi]')"
+    if not mpirun:
+        return None, "mpirun is not on PATH (apt-get install openmpi-bin libopenmpi-dev)"
+    per_host = -(-ranks // len(cluster.hosts))
+    log(f"  mpi: {ranks} ranks on {len(cluster.hosts)} hosts (Open MPI, btl tcp) ...")
+    with tempfile.TemporaryDirectory(prefix="dtrain-bench-") as tmp:
+        out = os.path.join(tmp, "mpi.json")
+        from dtrain.testing.cluster import remote_shell_agent
+        agent = remote_shell_agent(tmp)
+        ifname = cluster.hosts[0].ifname
+        cmd = [mpirun, "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", str(ranks),
+               "-H", ",".join(f"{h.netns}:{per_host}" for h in cluster.hosts),
+               "--mca", "plm_rsh_agent", agent, "--mca", "btl_tcp_if_include", ifname,
+               "--mca", "oob_tcp_if_include", ifname,
+               sys.executable, os.path.abspath(__file__), "--mpi-worker", out, "--sizes", ",".join(map(str, sizes))]
+        if quick:
+            cmd.append("--quick")
+        # Open MPI's shared-memory BTL (vader) crashes inside a network namespace: TCP within hosts too.
+        env = dict(os.environ, OMPI_MCA_btl="tcp,self")
+        proc = cluster.run(0, cmd, timeout=1800, env=env)
+        if proc.returncode != 0:
+            return None, f"mpirun failed: {(proc.stderr or proc.stdout).strip()[-300:]}"
+        with open(out) as f:
+            return {int(k): v for k, v in json.load(f).items()}, None
 
 
 def markdown(table, peers, ranks):
@@ -393,8 +436,11 @@ def main_testbed(args, sizes):
     if args.ranks < args.hosts:
         args.ranks = args.hosts
     peers = [p for p in args.peers.split(",") if p]
+    per_host = -(-args.ranks // args.hosts)
     if args.peers == ap_default_peers():
-        peers = ["link", "dtrain", "dtrain-fp16", "dtrain-bf16", "gloo"]
+        peers = ["link", "dtrain", "dtrain-fp16", "dtrain-bf16", "gloo", "mpi"]
+        if per_host > 1:  # the hierarchical path applies: measure the flat ring beside it
+            peers = ["dtrain", "dtrain-flat", "dtrain-fp16", "dtrain-flat-fp16", "gloo", "mpi"]
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     link = tb.rate_bytes_per_s(args.rate)
     log(f"allreduce benchmark on the test bed: {args.ranks} ranks on {args.hosts} hosts, "
@@ -425,23 +471,31 @@ def main_testbed(args, sizes):
     where = f"{args.ranks} ranks on {args.hosts} hosts, {args.rate} links" + (f", {args.delay} delay"
                                                                                if args.delay else "")
     md = f"## allreduce on the test bed: {where} (link = {link / 1e9:.3f} GB/s each way)\n\n"
+    md += "dtrain = what a user gets (hierarchy 'auto'); dtrain-flat = one ring through every rank.\n\n"
     md += markdown(table, [p for p in peers if p in results], args.ranks) + "\n"
-    md += "\n| size | dtrain busbw / link rate | fp16/fp32 algbw | bf16/fp32 algbw | dtrain/gloo busbw |\n"
-    md += "|---|---|---|---|---|\n"
+    # Targets: busbw >= 0.9x link at 64 MiB; fp16 >= 1.7x fp32 algbw; hierarchical >= 1.3x flat
+    # (2+ ranks per host); never slower than gloo.
+    cols = [("dtrain busbw / link rate", None), ("fp16/fp32 algbw", ("dtrain-fp16", "dtrain")),
+            ("hierarchical/flat algbw", ("dtrain", "dtrain-flat")),
+            ("hier-fp16/flat-fp16 algbw", ("dtrain-fp16", "dtrain-flat-fp16")),
+            ("dtrain/gloo algbw", ("dtrain", "gloo")), ("dtrain/mpi algbw", ("dtrain", "mpi"))]
+    cols = [(h, pair) for h, pair in cols if pair is None or all(p in results for p in pair)]
+    md += "\n| size | " + " | ".join(h for h, _ in cols) + " |\n|" + "---|" * (1 + len(cols)) + "\n"
     for s in sizes:
         row = table[s]
 
-        def r(a, b):
+        def r(pair):
+            if pair is None:
+                return f"{row['dtrain']['busbw_gbs'] * 1e9 / link:.2f}" if row.get("dtrain") else "n/a"
+            a, b = pair
             return f"{row[a]['algbw_gbs'] / row[b]['algbw_gbs']:.2f}x" if row.get(a) and row.get(b) else "n/a"
 
-        frac = f"{row['dtrain']['busbw_gbs'] * 1e9 / link:.2f}" if row.get("dtrain") else "n/a"
-        md += f"| {fmt_size(s)} | {frac} | {r('dtrain-fp16', 'dtrain')} | {r('dtrain-bf16', 'dtrain')} | " \
-              f"{r('dtrain', 'gloo')} |\n"
+        md += f"| {fmt_size(s)} | " + " | ".join(r(pair) for _, pair in cols) + " |\n"
     for p, why in notes.items():
         md += f"\n- {p}: not measured: {why}"
     print(md)
     os.makedirs(args.out, exist_ok=True)
-    stem = f"allreduce-testbed-{args.hosts}h{args.ranks}r-{args.rate}"
+    stem = f"allreduce-testbed-{args.hosts}x{per_host}-{args.rate}"
     with open(os.path.join(args.out, stem + ".md"), "w") as f:
         f.write(md + "\n")
     with open(os.path.join(args.out, stem + ".json"), "w") as f:

@@ -76,6 +76,17 @@ def rate_bytes_per_s(rate: str) -> float:
     return value / 8 if m.group(3).lower() == "bit" else value
 
 
+def remote_shell_agent(directory: str) -> str:
+    """Writes (into `directory`) and returns an executable `AGENT HOST CMD...` that runs CMD on the
+    test-bed host whose netns is HOST: what dtrain-run --remote-shell (one CMD string, as ssh) and
+    mpirun's plm_rsh_agent (CMD in several words) take."""
+    path = os.path.join(str(directory), "netns-agent")
+    with open(path, "w") as f:
+        f.write('#!/bin/sh\nhost="$1"; shift\nexec ip netns exec "$host" sh -c "$*"\n')
+    os.chmod(path, 0o755)
+    return path
+
+
 @dataclass
 class Host:
     index: int

@@ -12,7 +12,6 @@ import pytest
 from dtrain.testing import cluster as tb
 from tests.multiproc.harness import REPO
 
-_NS_SHELL = '#!/bin/sh\nhost="$1"; shift\nexec ip netns exec "$host" sh -c "$1"\n'
 
 
 def _doctor(*args, timeout=240):
@@ -42,10 +41,7 @@ needs_testbed = pytest.mark.skipif(tb.available() is not None, reason=str(tb.ava
 @pytest.fixture
 def agent(tmp_path):
     """The remote shell that reaches a test-bed host: CMD HOST 'COMMAND'."""
-    path = tmp_path / "ns-shell"
-    path.write_text(_NS_SHELL)
-    path.chmod(0o755)
-    return path
+    return tb.remote_shell_agent(tmp_path)
 
 
 @needs_testbed

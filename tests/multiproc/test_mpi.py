@@ -143,9 +143,6 @@ def test_bad_mpi_flags_are_named(args, match):
     assert p.returncode != 0 and match in p.stderr, p.stderr
 
 
-_NS_AGENT = '#!/bin/sh\nhost="$1"; shift\nexec ip netns exec "$host" sh -c "$*"\n'  # Open MPI: AGENT HOST CMD...
-
-
 @real
 @pytest.mark.timeout(180)
 def test_dtrain_run_mpi_across_test_bed_hosts(tmp_path):
@@ -155,9 +152,7 @@ def test_dtrain_run_mpi_across_test_bed_hosts(tmp_path):
     from dtrain.testing import cluster as tb
     if tb.available() is not None:
         pytest.skip(str(tb.available()))
-    agent = tmp_path / "ns-agent"
-    agent.write_text(_NS_AGENT)
-    agent.chmod(0o755)
+    agent = tb.remote_shell_agent(tmp_path)
     job = tmp_path / "job.py"
     job.write_text(_JOB.replace("dtrain.shutdown()", textwrap.dedent("""
         world = dtrain.comm.group.current().world

@@ -287,13 +287,8 @@ def test_a_rank_killed_on_one_node_stops_every_node(tmp_path):
 
 # ------------------------------------------------------------ dtrain-run -H / --hostfile from here
 
-_NS_SHELL = '#!/bin/sh\nhost="$1"; shift\nexec ip netns exec "$host" sh -c "$1"\n'  # CMD HOST 'COMMAND', as ssh
-
-
 def _from_here(c, tmp_path, hosts_args, script, *args, timeout=120):
-    agent = tmp_path / "ns-shell"
-    agent.write_text(_NS_SHELL)
-    agent.chmod(0o755)
+    agent = tb.remote_shell_agent(tmp_path)
     env = dict(os.environ, PYTHONPATH=REPO)
     for k in ("DTRAIN_STORE_FD", "DTRAIN_HOST_ID", "DTRAIN_RANK", "DTRAIN_JOB_TOKEN"):
         env.pop(k, None)
