@@ -284,6 +284,8 @@ def mpi_on_testbed(cluster, ranks, sizes, quick, log):
                "-H", ",".join(f"{h.netns}:{per_host}" for h in cluster.hosts),
                "--mca", "plm_rsh_agent", agent, "--mca", "btl_tcp_if_include", ifname,
                "--mca", "oob_tcp_if_include", ifname,
+               # the test bed's hosts share this machine's cores (dtrain sees that and spins less)
+               "--mca", "mpi_yield_when_idle", "1",
                sys.executable, os.path.abspath(__file__), "--mpi-worker", out, "--sizes", ",".join(map(str, sizes))]
         if quick:
             cmd.append("--quick")

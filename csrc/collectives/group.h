@@ -64,7 +64,7 @@ class Group {
 
   // ---- used by the engine ----
   Pair* pair(int groupRank) const { return mesh_->pair(ranks_[groupRank]); }
-  uint64_t spinLimit() const { return mesh_->spinLimit(); }
+  uint64_t spinLimit() const { return spinLimit_ ? spinLimit_ : mesh_->spinLimit(); }
   void enter(Collective& c);
   void checkHealth(Collective& c, double idleSeconds);
   [[noreturn]] void fail(Collective& c, const Error& e);
@@ -92,6 +92,7 @@ class Group {
   bool compressWire_ = true;
   std::vector<uint8_t> scratch_;
   Hierarchy hierarchy_ = Hierarchy::kAuto;
+  uint64_t spinLimit_ = 0;  // 0: the mesh's
   // The hierarchical path's sub-groups: this rank's host, and the ranks with this rank's local
   // index on every host. Null unless hierarchicalLayout().
   std::unique_ptr<Group> local_, cross_;

@@ -32,6 +32,13 @@ std::string detectHostId() {
   return std::string(name) + "/" + boot + (n > 0 ? "/" + std::string(ns, static_cast<size_t>(n)) : "");
 }
 
+// The machine, whatever network namespace: ranks with equal ids share its cores.
+std::string detectMachineId() {
+  const std::string id = detectHostId();
+  const size_t ns = id.find("/net:");
+  return ns == std::string::npos ? id : id.substr(0, ns);
+}
+
 std::vector<std::string> split(const std::string& s, char sep) {
   std::vector<std::string> out;
   std::stringstream ss(s);
@@ -71,15 +78,19 @@ Mesh::Mesh(const MeshOptions& o) : opts_(o) {
   std::string myAddr = store_->localAddress();
   Socket listener = Socket::listen("", 0);
   std::ostringstream me;
-  me << hostId_ << "|" << ::getpid() << "|" << myAddr << "|" << listener.localPort();
+  const std::string machine = detectMachineId();
+  me << hostId_ << "|" << ::getpid() << "|" << myAddr << "|" << listener.localPort() << "|" << machine;
   store_->set("peer/" + std::to_string(o.rank), me.str());
 
   std::vector<std::string> addrs(o.size);
   std::vector<std::string> hostIds(o.size);
+  machineRanks_ = 0;
   std::vector<int> ports(o.size), pids(o.size);
   for (int r = 0; r < o.size; ++r) {
     auto f = split(store_->get("peer/" + std::to_string(r), o.timeout), '|');
-    DTRAIN_CHECK(f.size() == 4, kRendezvous, "malformed rendezvous record from rank ", r);
+    DTRAIN_CHECK(f.size() == 5, kRendezvous, "malformed rendezvous record from rank ", r,
+                 ": every rank must run the same dtrain build");
+    machineRanks_ += f[4] == machine ? 1 : 0;
     hostIds[r] = f[0];
     for (int q = 0; q < r && o.transport != "tcp"; ++q)
       if (hostIds[q] == f[0]) {
@@ -99,9 +110,9 @@ Mesh::Mesh(const MeshOptions& o) : opts_(o) {
   localRank_ = static_cast<int>(std::find(localRanks_.begin(), localRanks_.end(), o.rank) -
                                 localRanks_.begin());
 
-  // More ranks than cores here: spinning would steal the core a peer needs.
-  unsigned cores = std::max(1u, std::thread::hardware_concurrency());
-  spinLimit_ = localRanks_.size() > cores ? 64 : 20000;
+  // More ranks than cores on this machine (network namespaces share its cores): spinning would
+  // steal the core a peer needs.
+  spinLimit_ = machineRanks_ > cores() ? 64 : 20000;
   if (const char* s = std::getenv("DTRAIN_SPIN")) spinLimit_ = std::strtoull(s, nullptr, 10);
 
   // Names are private to this job: derived from the token, which only its ranks hold.
@@ -226,6 +237,8 @@ void Mesh::connectTcp(const std::vector<std::string>& addrs, const std::vector<i
   for (int r = 0; r < opts_.rank; ++r)
     if (accepted[r].valid()) pairs_[r] = std::make_unique<TcpPair>(r, std::move(accepted[r]), opts_.tcpBytes);
 }
+
+int Mesh::cores() { return static_cast<int>(std::max(1u, std::thread::hardware_concurrency())); }
 
 int Mesh::refusedConnections() const { return server_ ? server_->refused() : 0; }
 

@@ -51,6 +51,9 @@ class Mesh {
   StoreClient* store() const { return store_.get(); }
   int refusedConnections() const;
   uint64_t spinLimit() const { return spinLimit_; }
+  // Ranks of this job on this machine's cores (several network namespaces count as one machine).
+  int machineRanks() const { return machineRanks_; }
+  static int cores();
   const std::string& hostId() const { return hostId_; }
 
   // First failure wins; later calls keep the first reason. The job's first failure is also
@@ -79,6 +82,7 @@ class Mesh {
   Segment inbound_;                 // my receive rings, one per local peer
   std::vector<Segment> outbound_;   // peers' segments I write into
   uint64_t spinLimit_ = 20000;
+  int machineRanks_ = 1;
   mutable std::mutex mu_;
   std::string broken_;
   std::string earlier_;

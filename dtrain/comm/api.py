@@ -20,15 +20,15 @@ from dtrain.comm.group import Group, Runtime, Work, _Current, current, env_bytes
 from dtrain.comm.tensors import DTYPES, native_dtype, redop, staging, wire_dtype
 from dtrain.errors import CommError, ConfigError
 
-_BACKENDS = ("native", "mpi")
+_BACKENDS = ("native", "mpi", "torch")
 
 
 def init(backend: Optional[str] = None, timeout: float = 300.0) -> None:
     """Joins the job described by the launcher's environment (see dtrain.comm.rendezvous).
 
     Args:
-        backend: "native" (default) or "mpi" (collectives through mpi4py, under mpirun); also
-            DTRAIN_BACKEND.
+        backend: "native" (default), "mpi" (collectives through mpi4py, under mpirun) or
+            "torch" (through torch.distributed's gloo, as a reference); also DTRAIN_BACKEND.
         timeout: seconds any collective may go without progress before CommTimeout.
 
     Raises:
@@ -56,6 +56,11 @@ def init(backend: Optional[str] = None, timeout: float = 300.0) -> None:
         _abort_on_uncaught_exception()
         return
     env = rendezvous.from_environ()
+    if backend == "torch":
+        from dtrain.comm import torch_backend
+        _Current.runtime = torch_backend.TorchRuntime(env, float(timeout))
+        _abort_on_uncaught_exception()
+        return
     world = _C.World(
         env.rank, env.world_size, env.master_addr, env.master_port, env.token, float(timeout),
         store_fd=env.store_fd, transport=os.environ.get("DTRAIN_TRANSPORT", "auto"),
@@ -111,6 +116,8 @@ def shutdown() -> None:
             rt.default._native.barrier(False)
         except CommError:
             pass  # a peer is gone; there is nobody left to wait for
+    if hasattr(rt, "close"):
+        rt.close()
 
 
 def rank() -> int:

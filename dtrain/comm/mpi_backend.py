@@ -21,11 +21,11 @@ import numpy as np
 import torch
 
 from dtrain import _C
+from dtrain.comm.tensors import TORCH_DTYPES as _TORCH
+from dtrain.comm.tensors import element_size as _esize
+from dtrain.comm.tensors import offsets as _offsets
 from dtrain.errors import CommError, ConfigError
 
-_TORCH = {_C.DType.float32: torch.float32, _C.DType.float64: torch.float64, _C.DType.float16: torch.float16,
-          _C.DType.bfloat16: torch.bfloat16, _C.DType.int32: torch.int32, _C.DType.int64: torch.int64,
-          _C.DType.uint8: torch.uint8}
 _HALF = (_C.DType.float16, _C.DType.bfloat16)
 
 
@@ -35,10 +35,6 @@ def _mpi():
     except ImportError:
         raise ConfigError("backend='mpi' needs mpi4py: pip install 'dtrain[mpi]'") from None
     return MPI
-
-
-def _esize(dt) -> int:
-    return torch.empty(0, dtype=_TORCH[dt]).element_size()
 
 
 def _view(ptr: int, count: int, dt) -> torch.Tensor:
@@ -52,10 +48,6 @@ def _bytes(ptr: int, nbytes: int) -> np.ndarray:
     """The `nbytes` bytes at `ptr`, for calls that move data without looking at it."""
     return np.frombuffer(_mpi().buffer.fromaddress(ptr, nbytes), dtype=np.uint8) if nbytes else \
         np.empty(0, dtype=np.uint8)
-
-
-def _offsets(sizes: Sequence[int]) -> List[int]:
-    return [int(x) for x in np.cumsum([0] + list(sizes[:-1]))]
 
 
 class MpiWork:

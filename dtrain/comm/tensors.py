@@ -19,6 +19,22 @@ DTYPES = {
     torch.uint8: _C.DType.uint8,
 }
 
+TORCH_DTYPES = {v: k for k, v in DTYPES.items()}
+
+
+def element_size(dt: "_C.DType") -> int:
+    return _C.dtype_size(dt)
+
+
+def offsets(sizes) -> list:
+    """Start of each block of `sizes`, laid end to end."""
+    out, at = [], 0
+    for n in sizes:
+        out.append(at)
+        at += int(n)
+    return out
+
+
 REDOPS = {name: getattr(_C.RedOp, name) for name in ("sum", "avg", "min", "max", "prod")}
 
 WIRES = {"fp16": _C.DType.float16, "bf16": _C.DType.bfloat16}

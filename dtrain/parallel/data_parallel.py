@@ -404,7 +404,8 @@ class AllReduceStrategy(Strategy):
             larger ones make fewer calls.
         error_feedback: keep each rank's rounding residual and add it to the next step.
         average: divide the summed gradients by the number of ranks (as DDP does).
-        backend: None (dtrain.init's choice), "native", or "mpi" (through mpi4py, under mpirun).
+        backend: None (dtrain.init's choice), "native", "mpi" (through mpi4py, under mpirun) or
+            "torch" (through torch.distributed's gloo).
         group: a dtrain.Group to reduce over (for example the data-parallel replicas of
             a 2-D layout); None is the whole world.
 
@@ -425,9 +426,9 @@ class AllReduceStrategy(Strategy):
             raise ConfigError(f"compression must be None, 'fp16' or 'bf16', got {compression!r}")
         if not (isinstance(bucket_mb, (int, float)) and bucket_mb > 0):
             raise ConfigError(f"bucket_mb must be a positive number of MiB, got {bucket_mb!r}")
-        if backend not in (None, "native", "mpi"):
+        if backend not in (None, "native", "mpi", "torch"):
             raise ConfigError(f"backend {backend!r} is not available to AllReduceStrategy in this build: "
-                              "use None, 'native' or 'mpi'")
+                              "use None, 'native', 'mpi' or 'torch'")
         self.compression = None if compression == "none" else compression
         self.bucket_bytes = int(bucket_mb * (1 << 20))
         self.error_feedback = bool(error_feedback)

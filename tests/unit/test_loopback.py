@@ -176,8 +176,8 @@ def test_hierarchical_allreduce_every_dtype(dtype):
 
 
 def test_hierarchical_allreduce_in_many_chunks(monkeypatch):
-    """Past DTRAIN_HIERARCHY_CHUNK_BYTES (4 MiB) the chunks pipeline over two threads per rank."""
-    n = (9 << 20) // 4 + 13  # 9 MiB and an odd tail: two chunks of unequal length
+    """Past DTRAIN_HIERARCHY_CHUNK_BYTES (2 MiB) the chunks pipeline over two threads per rank."""
+    n = (5 << 20) // 4 + 13  # 5 MiB and an odd tail: two chunks of unequal length
     for op in ("sum", "avg", "max"):
         inputs = [rank_input(11, r, torch.float32, n, op) for r in range(6)]
         got = [x.clone() for x in inputs]
