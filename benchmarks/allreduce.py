@@ -76,7 +76,8 @@ def time_interleaved(calls, barrier, sizes, quick, make):
 # name: (compression, hierarchy). Plain "dtrain" is what a user gets (hierarchy "auto": hierarchical
 # where each host holds 2+ ranks); the -flat variants force one ring through every rank.
 DTRAIN_VARIANTS = {"dtrain": (None, "auto"), "dtrain-fp16": ("fp16", "auto"), "dtrain-bf16": ("bf16", "auto"),
-                   "dtrain-flat": (None, "flat"), "dtrain-flat-fp16": ("fp16", "flat")}
+                   "dtrain-flat": (None, "flat"), "dtrain-flat-fp16": ("fp16", "flat"),
+                   "dtrain-hier": (None, "hierarchical"), "dtrain-hier-fp16": ("fp16", "hierarchical")}
 
 
 def worker_dtrain(sizes, quick, variants):

@@ -208,8 +208,8 @@ PYBIND11_MODULE(_C, m) {
                     [](PyGroup& g, uint64_t b) { g.group->setSmallBytes(b); })
       .def_property("hierarchy", [](PyGroup& g) { return std::string(hierarchyName(g.group->hierarchy())); },
                     [](PyGroup& g, const std::string& h) { g.group->setHierarchy(parseHierarchy(h)); },
-                    "How allreduce crosses hosts: 'auto' (hierarchical where the layout allows it, past "
-                    "small_bytes), 'flat' (one ring) or 'hierarchical'. Default from DTRAIN_HIERARCHICAL.")
+                    "How allreduce crosses hosts: 'auto' or 'hierarchical' (hierarchical where the layout "
+                    "allows it) or 'flat' (one ring). Default from DTRAIN_HIERARCHICAL.")
       .def_property_readonly("hierarchical_layout", [](PyGroup& g) { return g.group->hierarchicalLayout(); },
                              "True when members sit on 2+ hosts with the same number (2+) on each.")
       .def("allreduce", [](PyGroup& g, Ptr buf, uint64_t n, DType dt, RedOp op, DType wire, bool async) {

@@ -15,10 +15,11 @@
 
 namespace dtrain {
 
-// How an allreduce crosses hosts. kAuto: hierarchically (reduce-scatter within each host,
-// allreduce across hosts, allgather within) where the layout allows it and the message is past
-// smallBytes(); kFlat: one ring over every member; kHierarchical: hierarchically whenever the
-// layout allows it. DTRAIN_HIERARCHICAL=auto|0|1 sets the default.
+// How an allreduce crosses hosts. kAuto and kHierarchical: hierarchically (reduce-scatter within
+// each host, allreduce across hosts, allgather within) where the layout allows it, which has
+// been faster at every size measured (kAuto may come to weigh size and links; kHierarchical
+// will not); kFlat: one ring (or the one-hop path) over every member.
+// DTRAIN_HIERARCHICAL=auto|0|1 sets the default.
 enum class Hierarchy { kAuto, kFlat, kHierarchical };
 
 class Group {
@@ -44,8 +45,8 @@ class Group {
   // True when the members sit on two or more hosts with the same number (two or more) on each:
   // the layout a hierarchical allreduce needs.
   bool hierarchicalLayout() const { return local_ != nullptr; }
-  // Whether allreduce(count elements, `wire` on the wire) takes the hierarchical path.
-  bool takesHierarchy(uint64_t count, DType wire) const;
+  // Whether an allreduce of `count` elements takes the hierarchical path.
+  bool takesHierarchy(uint64_t count) const;
   Mesh& mesh() { return *mesh_; }
 
   // In place on `buf`. `wire` != dtype sends fp16/bf16 and accumulates in float32.
