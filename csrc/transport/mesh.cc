@@ -243,10 +243,14 @@ int Mesh::cores() { return static_cast<int>(std::max(1u, std::thread::hardware_c
 int Mesh::refusedConnections() const { return server_ ? server_->refused() : 0; }
 
 void Mesh::breakWith(const std::string& reason) {
+  // Held until the store has answered, and taken before anyone can see the mesh broken: a
+  // thread that fails because of this break reads earlierFailure() only once it is known.
+  std::unique_lock<std::mutex> report(reportMu_, std::defer_lock);
   {
     std::lock_guard<std::mutex> g(mu_);
     if (!broken_.empty()) return;
     broken_ = reason;
+    report.lock();
   }
   if (board_.valid()) board_.abort(opts_.rank, reason);
   // Before our connections close (which is all a remote rank sees): the first rank to fail
@@ -260,16 +264,16 @@ void Mesh::breakWith(const std::string& reason) {
         earlier = store_->get("abort/first", 1.0);
     } catch (const Error&) {
     }
-    std::lock_guard<std::mutex> g(mu_);
     earlier_ = earlier;
   }
+  report.unlock();
   // Remote peers learn from the closed connection.
   for (auto& p : pairs_)
     if (auto* t = dynamic_cast<TcpPair*>(p.get())) t->shutdown();
 }
 
 std::string Mesh::earlierFailure() const {
-  std::lock_guard<std::mutex> g(mu_);
+  std::lock_guard<std::mutex> g(reportMu_);
   return earlier_;
 }
 

@@ -85,6 +85,7 @@ class Mesh {
   int machineRanks_ = 1;
   mutable std::mutex mu_;
   std::string broken_;
+  mutable std::mutex reportMu_;  // guards earlier_; taken inside mu_, never the other way
   std::string earlier_;
 };
 
