@@ -18,16 +18,11 @@ import time
 from typing import Callable, List, Optional, Sequence
 
 import numpy as np
-import torch
 
-from dtrain import _C
-from dtrain.comm.tensors import TORCH_DTYPES as _TORCH
+from dtrain.comm.foreign import reduce_scatter_by_allreduce, reducible
 from dtrain.comm.tensors import element_size as _esize
 from dtrain.comm.tensors import offsets as _offsets
 from dtrain.errors import CommError, ConfigError
-
-_HALF = (_C.DType.float16, _C.DType.bfloat16)
-
 
 def _mpi():
     try:
@@ -35,13 +30,6 @@ def _mpi():
     except ImportError:
         raise ConfigError("backend='mpi' needs mpi4py: pip install 'dtrain[mpi]'") from None
     return MPI
-
-
-def _view(ptr: int, count: int, dt) -> torch.Tensor:
-    """The `count` elements at `ptr` as a tensor sharing that memory."""
-    if count == 0:
-        return torch.empty(0, dtype=_TORCH[dt])
-    return torch.frombuffer(_mpi().buffer.fromaddress(ptr, count * _esize(dt)), dtype=_TORCH[dt])
 
 
 def _bytes(ptr: int, nbytes: int) -> np.ndarray:
@@ -113,20 +101,9 @@ class MpiGroup:
 
     def allreduce(self, ptr, count, dt, op, wire, async_op):
         comm, MPI = self._member("allreduce"), _mpi()
-        name = op.name
-        if name == "avg" and dt not in (_C.DType.float32, _C.DType.float64) + _HALF:
-            raise ConfigError("op='avg' needs a floating-point tensor")
-        mpi_op = {"sum": MPI.SUM, "avg": MPI.SUM, "min": MPI.MIN, "max": MPI.MAX, "prod": MPI.PROD}[name]
-        t = _view(ptr, count, dt)
-        work = t.float() if dt in _HALF else t  # MPI reduces no half types: float32, rounded back
+        mpi_op = {"sum": MPI.SUM, "avg": MPI.SUM, "min": MPI.MIN, "max": MPI.MAX, "prod": MPI.PROD}[op.name]
+        work, after = reducible(ptr, count, dt, op.name, self.size)  # MPI has no half types, no avg
         arr = work.numpy()
-
-        def after():
-            if name == "avg":
-                work.div_(self.size)
-            if work is not t:
-                t.copy_(work)
-
         return self._run(lambda block: comm.Allreduce(MPI.IN_PLACE, arr, mpi_op) if block
                          else comm.Iallreduce(MPI.IN_PLACE, arr, mpi_op), after, async_op)
 
@@ -146,18 +123,7 @@ class MpiGroup:
                          else comm.Iallgatherv([send, MPI.BYTE], spec), None, async_op)
 
     def reduce_scatter(self, src, out, count, dt, op, wire, async_op):
-        # Reduce everything (in place on a copy), then keep this rank's block.
-        full = _view(src, count * self.size, dt).clone()
-        mine = _view(out, count, dt)
-        work = self.allreduce(full.data_ptr(), full.numel(), dt, op, wire, async_op)
-
-        def keep():
-            mine.copy_(full[self.rank * count:(self.rank + 1) * count])
-
-        if work is None:
-            keep()
-            return None
-        return _Then(work, keep, full)
+        return reduce_scatter_by_allreduce(self, src, out, count, dt, op, wire, async_op)
 
     def alltoall(self, src, send_counts, out, recv_counts, dt, async_op):
         comm, MPI = self._member("alltoall"), _mpi()
@@ -182,24 +148,6 @@ class MpiGroup:
     def barrier(self, async_op):
         comm = self._member("barrier")
         return self._run(lambda block: comm.Barrier() if block else comm.Ibarrier(), None, async_op)
-
-
-class _Then:
-    """An MpiWork followed by one more step (reduce_scatter's copy of this rank's block)."""
-
-    def __init__(self, work: MpiWork, then: Callable[[], None], keep):
-        self._work, self._then, self._keep, self._done = work, then, keep, False
-
-    def wait(self, timeout=None) -> bool:
-        if not self._work.wait(timeout):
-            return False
-        if not self._done:
-            self._done = True
-            self._then()
-        return True
-
-    def is_completed(self) -> bool:
-        return self._done or (self._work.is_completed() and self.wait(0))
 
 
 class MpiWorld:

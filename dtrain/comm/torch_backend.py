@@ -17,7 +17,6 @@ memory, which would defeat it. DTRAIN_TORCH_BACKEND=nccl is refused with that re
 
 from __future__ import annotations
 
-import ctypes
 import datetime
 import os
 import sys
@@ -27,21 +26,13 @@ from typing import Callable, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from dtrain import _C
-from dtrain.comm.tensors import TORCH_DTYPES, element_size, offsets
+from dtrain.comm.foreign import reduce_scatter_by_allreduce, reducible
+from dtrain.comm.foreign import view as _view
+from dtrain.comm.tensors import offsets
 from dtrain.errors import CommError, ConfigError
 
-_HALF = (_C.DType.float16, _C.DType.bfloat16)
 _OPS = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN,
         "max": dist.ReduceOp.MAX, "prod": dist.ReduceOp.PRODUCT}
-
-
-def _view(ptr: int, count: int, dt) -> torch.Tensor:
-    """The `count` elements at `ptr` as a CPU tensor sharing that memory."""
-    if count == 0:
-        return torch.empty(0, dtype=TORCH_DTYPES[dt])
-    raw = (ctypes.c_char * (count * element_size(dt))).from_address(ptr)
-    return torch.frombuffer(raw, dtype=TORCH_DTYPES[dt])
 
 
 class TorchWork:
@@ -115,19 +106,8 @@ class TorchGroup:
         return None
 
     def allreduce(self, ptr, count, dt, op, wire, async_op):
-        name = op.name
-        if name == "avg" and dt not in (_C.DType.float32, _C.DType.float64) + _HALF:
-            raise ConfigError("op='avg' needs a floating-point tensor, got an integer one: use op='sum' and divide")
-        t = _view(ptr, count, dt)
-        work = t.float() if dt in _HALF else t
-
-        def after():
-            if name == "avg":
-                work.div_(self.size)
-            if work is not t:
-                t.copy_(work)
-
-        return self._run("allreduce", lambda a: dist.all_reduce(work, _OPS[name], group=self.pg, async_op=a),
+        work, after = reducible(ptr, count, dt, op.name, self.size)  # gloo: no avg, half types in float32
+        return self._run("allreduce", lambda a: dist.all_reduce(work, _OPS[op.name], group=self.pg, async_op=a),
                          after, async_op)
 
     def broadcast(self, ptr, count, dt, root, async_op):
@@ -153,20 +133,7 @@ class TorchGroup:
                          after, async_op)
 
     def reduce_scatter(self, src, out, count, dt, op, wire, async_op):
-        # Gloo has no reduce_scatter: reduce everything (on a copy), then keep this rank's block.
-        full = _view(src, count * self.size, dt).clone()
-        mine = _view(out, count, dt)
-        work = self.allreduce(full.data_ptr(), full.numel(), dt, op, wire, async_op)
-
-        def keep():
-            mine.copy_(full[self.rank * count:(self.rank + 1) * count])
-
-        if work is None:
-            keep()
-            return None
-        inner_after = work._after
-        work._after = lambda: (inner_after(), keep())
-        return work
+        return reduce_scatter_by_allreduce(self, src, out, count, dt, op, wire, async_op)  # gloo has none
 
     def alltoall(self, src, send_counts, out, recv_counts, dt, async_op):
         send, recv = _view(src, sum(send_counts), dt), _view(out, sum(recv_counts), dt)

@@ -1,0 +1,74 @@
+"""What the backends that hand dtrain's calls to another library (mpi, torch) share: views of
+the memory dtrain.comm.api passes by address, reductions for libraries without half types or
+"avg", and reduce_scatter built from allreduce."""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from dtrain import _C
+from dtrain.comm.tensors import TORCH_DTYPES, element_size
+from dtrain.errors import ConfigError
+
+HALF = (_C.DType.float16, _C.DType.bfloat16)
+
+
+def view(ptr: int, count: int, dt) -> torch.Tensor:
+    """The `count` elements at `ptr` as a CPU tensor sharing that memory."""
+    if count == 0:
+        return torch.empty(0, dtype=TORCH_DTYPES[dt])
+    raw = (ctypes.c_char * (count * element_size(dt))).from_address(ptr)
+    return torch.frombuffer(raw, dtype=TORCH_DTYPES[dt])
+
+
+def reducible(ptr: int, count: int, dt, op_name: str, size: int) -> Tuple[torch.Tensor, Callable[[], None]]:
+    """(the tensor to hand the library, what to run once it has reduced it): half types reduce in
+    float32 and round back; "avg" is a sum divided by `size` afterwards."""
+    if op_name == "avg" and dt not in (_C.DType.float32, _C.DType.float64) + HALF:
+        raise ConfigError("op='avg' needs a floating-point tensor, got an integer one: use op='sum' and divide")
+    t = view(ptr, count, dt)
+    work = t.float() if dt in HALF else t
+
+    def after():
+        if op_name == "avg":
+            work.div_(size)
+        if work is not t:
+            t.copy_(work)
+
+    return work, after
+
+
+class Then:
+    """A Work followed by one more step once it completes."""
+
+    def __init__(self, work, then: Callable[[], None], keep):
+        self._work, self._then, self._keep, self._done = work, then, keep, False
+
+    def wait(self, timeout=None) -> bool:
+        if not self._work.wait(timeout):
+            return False
+        if not self._done:
+            self._done = True
+            self._then()
+        return True
+
+    def is_completed(self) -> bool:
+        return self._done or (self._work.is_completed() and self.wait(0))
+
+
+def reduce_scatter_by_allreduce(group, src: int, out: int, count: int, dt, op, wire, async_op: bool) -> Optional[Then]:
+    """For libraries without reduce_scatter: allreduce everything (on a copy), keep this rank's block."""
+    full = view(src, count * group.size, dt).clone()
+    mine = view(out, count, dt)
+    work = group.allreduce(full.data_ptr(), full.numel(), dt, op, wire, async_op)
+
+    def keep():
+        mine.copy_(full[group.rank * count:(group.rank + 1) * count])
+
+    if work is None:
+        keep()
+        return None
+    return Then(work, keep, full)
