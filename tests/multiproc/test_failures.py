@@ -11,12 +11,13 @@ import os, socket, sys, time, torch, dtrain
 """
 
 
-@pytest.mark.timeout(60)
-def test_dead_rank_mid_collective_named_within_10s_and_launcher_exits_within_15s(tmp_path):
-    rc, out, err, secs = script(tmp_path, HEADER + """
+def _kill_mid_allreduce(tmp_path, n, victim, setup=""):
+    """n ranks allreduce 64 MiB; `victim` dies (SIGKILL) with one in flight. Returns
+    (rc, out, err, launcher seconds, the lines where a rank caught the CommError)."""
+    rc, out, err, secs = script(tmp_path, HEADER + setup + f"""
 dtrain.init(timeout=60)
 big = torch.ones(16 << 20)
-if dtrain.rank() == 1:
+if dtrain.rank() == {victim}:
     work = dtrain.allreduce(big, async_op=True)   # in flight, then this rank dies
     time.sleep(0.05)
     os.kill(os.getpid(), 9)
@@ -26,13 +27,19 @@ try:
     dtrain.allreduce(big)
     print("NO ERROR")
 except dtrain.CommError as e:
-    print(f"CAUGHT {type(e).__name__} after {time.monotonic() - start:.1f}s: {e}")
+    print(f"CAUGHT {{type(e).__name__}} after {{time.monotonic() - start:.1f}}s: {{e}}")
     sys.exit(3)
-""", 3, "--grace", "5")
-    assert rc != 0
-    assert secs < 15, secs
+""", n, "--grace", "5")
     caught = [line for line in out.splitlines() if "CAUGHT" in line]
     assert caught, out + err
+    return rc, out, err, secs, caught
+
+
+@pytest.mark.timeout(60)
+def test_dead_rank_mid_collective_named_within_10s_and_launcher_exits_within_15s(tmp_path):
+    rc, out, err, secs, caught = _kill_mid_allreduce(tmp_path, 3, 1)
+    assert rc != 0
+    assert secs < 15, secs
     for line in caught:
         assert "rank 1" in line, line
         assert float(re.search(r"after ([0-9.]+)s", line).group(1)) < 10
@@ -111,30 +118,16 @@ print("RESULT", t.tolist())
 def test_dead_rank_mid_hierarchical_allreduce_is_named_on_every_host(tmp_path, victim):
     """2 fake hosts x 2 ranks; the pipelined hierarchical path (two threads per rank) still fails
     fast, naming the rank that died, whether it shared this rank's host (shm) or not (TCP)."""
-    rc, out, err, secs = script(tmp_path, HEADER + f"""
+    rc, out, err, secs, caught = _kill_mid_allreduce(tmp_path, 4, victim, setup="""
 os.environ["DTRAIN_HOST_ID"] = "fakehost" + str(int(os.environ["DTRAIN_RANK"]) // 2)
 dtrain.init(timeout=60)
 assert dtrain.comm.group.current().default._native.hierarchical_layout
-big = torch.ones(16 << 20)
-dtrain.allreduce(big)
-assert big[0].item() == 4.0
-if dtrain.rank() == {victim}:
-    work = dtrain.allreduce(big, async_op=True)
-    time.sleep(0.05)
-    os.kill(os.getpid(), 9)
-start = time.monotonic()
-try:
-    dtrain.allreduce(big)
-    dtrain.allreduce(big)
-    print("NO ERROR")
-except dtrain.CommError as e:
-    print(f"CAUGHT after {{time.monotonic() - start:.1f}}s: {{e}}")
-    sys.exit(3)
-""", 4, "--grace", "5")
+warm = torch.ones(16 << 20)
+dtrain.allreduce(warm)
+assert warm[0].item() == 4.0
+""")
     assert rc != 0
     assert secs < 30, secs
-    caught = [line for line in out.splitlines() if "CAUGHT" in line]
-    assert caught, out + err
     assert "NO ERROR" not in out
     for line in caught:
         assert f"rank {victim}" in line, line
