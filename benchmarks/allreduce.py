@@ -185,16 +185,24 @@ def _spawned(kind, sizes, quick):
 # ---------------------------------------------------------------- driver
 
 
+def find_mpirun():
+    """(mpirun's path, None), or (None, why the MPI peer cannot run here)."""
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return None, "mpi4py is not installed (pip install 'dtrain[mpi]')"
+    mpirun = shutil.which("mpirun")
+    if not mpirun:
+        return None, "mpirun is not on PATH (apt-get install openmpi-bin libopenmpi-dev)"
+    return mpirun, None
+
+
 def run_peer(kind, ranks, sizes, quick, log):
     """Seconds per call by size for one peer, or None with a reason."""
     if kind == "mpi":
-        mpirun = shutil.which("mpirun")
-        try:
-            import mpi4py  # noqa: F401
-        except ImportError:
-            return None, "mpi4py is not installed (pip install 'dtrain[mpi]')"
-        if not mpirun:
-            return None, "mpirun is not on PATH (apt-get install openmpi-bin libopenmpi-dev)"
+        mpirun, why = find_mpirun()
+        if why:
+            return None, why
         out = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"dtrain-bench-mpi-{os.getpid()}.json")
         cmd = [mpirun, "--allow-run-as-root", "--oversubscribe", "-np", str(ranks), "--bind-to", "core",
                sys.executable, __file__, "--mpi-worker", out, "--sizes", ",".join(map(str, sizes))]
@@ -267,13 +275,9 @@ def mpi_on_testbed(cluster, ranks, sizes, quick, log):
     """Open MPI's MPI_Allreduce (through mpi4py) with mpirun on host 0 starting its daemons on the
     other hosts through the namespace agent, as `dtrain-run --mpi --remote-shell` does."""
     import tempfile
-    mpirun = shutil.which("mpirun")
-    try:
-        import mpi4py  # noqa: F401
-    except ImportError:
-        return None, "mpi4py is not installed (pip install 'dtrain[mpi]')"
-    if not mpirun:
-        return None, "mpirun is not on PATH (apt-get install openmpi-bin libopenmpi-dev)"
+    mpirun, why = find_mpirun()
+    if why:
+        return None, why
     per_host = -(-ranks // len(cluster.hosts))
     log(f"  mpi: {ranks} ranks on {len(cluster.hosts)} hosts (Open MPI, btl tcp) ...")
     with tempfile.TemporaryDirectory(prefix="dtrain-bench-") as tmp:
