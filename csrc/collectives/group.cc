@@ -234,7 +234,7 @@ void Group::fail(Collective& c, const Error& e) {
   if (msg.rfind(c.describe(), 0) == 0) context.clear();  // already says which call
   mesh_->breakWith(context + msg);
   const std::string earlier = mesh_->earlierFailure();
-  if (!earlier.empty()) msg += "; the job had already failed at " + earlier;
+  if (!earlier.empty() && msg.find(earlier) == std::string::npos) msg += "; the job had already failed at " + earlier;
   throw Error(e.kind(), context + msg);
 }
 

@@ -278,9 +278,15 @@ std::string Mesh::earlierFailure() const {
 }
 
 bool Mesh::broken(std::string* why) const {
-  std::lock_guard<std::mutex> g(mu_);
-  if (broken_.empty()) return false;
-  *why = broken_;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (broken_.empty()) return false;
+    *why = broken_;
+  }
+  // Waits for the store's answer if the break is still being reported, so that every error
+  // raised after a break (not only the first) says where the job failed first.
+  const std::string earlier = earlierFailure();
+  if (!earlier.empty()) *why += "; the job had already failed at " + earlier;
   return true;
 }
 

@@ -60,6 +60,8 @@ class Mesh {
   // posted to the rendezvous store, so ranks on other hosts, which only see a connection
   // close, can say what went wrong where it started.
   void breakWith(const std::string& reason);
+  // True once broken; *why is the reason, followed by where the job failed first when
+  // another rank reported it.
   bool broken(std::string* why) const;
   // What another rank reported as the job's first failure ("" when it was this rank's, or unknown).
   std::string earlierFailure() const;
