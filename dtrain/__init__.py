@@ -28,7 +28,7 @@ from dtrain.comm import (
     world_size,
 )
 
-from dtrain.parallel import AllReduceStrategy, LocalStrategy, Strategy
+from dtrain.parallel import AllReduceStrategy, LocalStrategy, ParameterServerStrategy, Strategy
 
 __version__ = "0.1.0"
 
@@ -36,5 +36,5 @@ __all__ = [
     "CommError", "CommTimeout", "ConfigError", "DataError", "DtrainError", "RendezvousError",
     "Group", "Work", "allgather", "allreduce", "alltoall", "barrier", "broadcast", "init",
     "is_initialized", "local_rank", "local_size", "new_group", "rank", "recv", "reduce_scatter",
-    "send", "shutdown", "world_size", "AllReduceStrategy", "LocalStrategy", "Strategy",
+    "send", "shutdown", "world_size", "AllReduceStrategy", "LocalStrategy", "ParameterServerStrategy", "Strategy",
 ]

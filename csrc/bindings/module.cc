@@ -24,6 +24,7 @@ using namespace dtrain;
 
 void bindData(py::module_& m);  // bindings/data.cc
 void bindKernels(py::module_& m);  // bindings/kernels.cc
+void bindPs(py::module_& m);  // bindings/ps.cc
 
 namespace {
 
@@ -279,4 +280,6 @@ PYBIND11_MODULE(_C, m) {
   bindData(data);
   auto kernels = m.def_submodule("kernels", "Fused multi-tensor kernels (optimizers) on the CPU");
   bindKernels(kernels);
+  auto ps = m.def_submodule("ps", "The parameter server and its worker-side client");
+  bindPs(ps);
 }

@@ -105,11 +105,24 @@ def is_initialized() -> bool:
     return _Current.runtime is not None
 
 
+_before_shutdown: list = []
+
+
+def register_before_shutdown(fn) -> None:
+    """`fn()` runs at the start of shutdown(), before the closing barrier (a parameter-server
+    worker tells its servers it is done there; they reach the barrier only after that)."""
+    _before_shutdown.append(fn)
+
+
 def shutdown() -> None:
     """Leaves the job: waits for the other ranks (unless communication broke), then closes."""
     rt = _Current.runtime
     if rt is None:
         return
+    hooks = list(_before_shutdown)
+    _before_shutdown.clear()
+    for fn in hooks:
+        fn()
     _Current.runtime = None
     if rt.world.size > 1 and rt.world.broken() is None:
         try:

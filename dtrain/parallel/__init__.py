@@ -1,7 +1,8 @@
 """Strategies: one shape (prepare / distribute / save / load) for every way of training."""
 
 from dtrain.parallel.data_parallel import AllReduceStrategy
+from dtrain.parallel.param_server import ParameterServerStrategy
 from dtrain.parallel.sharding import ShardedSampler
 from dtrain.parallel.strategy import LocalStrategy, Strategy
 
-__all__ = ["AllReduceStrategy", "LocalStrategy", "ShardedSampler", "Strategy"]
+__all__ = ["AllReduceStrategy", "ParameterServerStrategy", "LocalStrategy", "ShardedSampler", "Strategy"]
