@@ -3,9 +3,11 @@
     python examples/train_digits.py                                  # one process
     dtrain-run -n 2 examples/train_digits.py --compression fp16       # two ranks, fp16 gradients
     dtrain-run -n 2 examples/train_digits.py --resume                 # go on from the last checkpoint
+    dtrain-run -n 3 examples/train_digits.py --strategy ps            # 1 parameter server, 2 async workers
 
 The same script runs either way: AllReduceStrategy is plain training when the world
-size is 1. Rank 0 shows a progress bar, logs loss and accuracy per epoch, saves a
+size is 1. With --strategy ps the first --num-servers ranks serve the parameters and
+the others train asynchronously (--staleness bounds how far apart they may run). Rank 0 shows a progress bar, logs loss and accuracy per epoch, saves a
 checkpoint after each epoch (atomically) and prints a summary. Exits with status 1
 if the final test accuracy is below --min-accuracy.
 """
@@ -82,11 +84,23 @@ def main(argv=None):
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoint if there is one")
     ap.add_argument("--min-accuracy", type=float, default=0.95)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--strategy", choices=["allreduce", "ps"], default="allreduce")
+    ap.add_argument("--num-servers", type=int, default=1, help="parameter servers (--strategy ps)")
+    ap.add_argument("--staleness", type=int, default=None,
+                    help="--strategy ps: how many steps a worker may run ahead (default: fully asynchronous)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(1 if os.environ.get("DTRAIN_WORLD_SIZE", "1") != "1" else torch.get_num_threads())
-    strategy = dtrain.AllReduceStrategy(compression=None if args.compression == "none" else args.compression)
-    rank, world = strategy.rank, strategy.world_size
+    compression = None if args.compression == "none" else args.compression
+    if args.strategy == "ps":
+        dtrain.init()
+        strategy = dtrain.ParameterServerStrategy(args.num_servers, staleness=args.staleness,
+                                                  compression=compression)
+        rank, world = strategy.rank, strategy.num_workers  # the ranks that train
+    else:
+        strategy = dtrain.AllReduceStrategy(compression=compression)
+        rank, world = strategy.rank, strategy.world_size
+    serving = getattr(strategy, "is_server", False)
     main_rank = strategy.is_main
     if args.batch_size % world:
         sys.exit(f"--batch-size {args.batch_size} must divide by the {world} ranks")
@@ -103,14 +117,17 @@ def main(argv=None):
     if args.resume and os.path.exists(ckpt_file):
         state = strategy.load(args.checkpoint, model=model, optimizer=optimizer)
         start_epoch = state["step"]
-        loader.sampler.set_epoch(start_epoch)
+        if not serving:
+            loader.sampler.set_epoch(start_epoch)
         if main_rank:
             print(f"resumed from {ckpt_file} after epoch {start_epoch}", flush=True)
-    wire = strategy.wire or "float32"
-    if args.compression != "none" and strategy.wire is None and world > 1:
+    wire = getattr(strategy, "wire", compression) or "float32"
+    if args.strategy == "allreduce" and args.compression != "none" and strategy.wire is None and world > 1:
         wire += f" ({args.compression} asked; ranks sharing memory send float32, DTRAIN_SHM_COMPRESSION=1 forces it)"
     if main_rank:
-        print(f"training DigitsNet on {len(train)} digits ({len(test)} held out), {world} rank(s), "
+        how = (f"{strategy.num_servers} server(s) + {world} worker(s), staleness {args.staleness}"
+               if args.strategy == "ps" else f"{world} rank(s)")
+        print(f"training DigitsNet on {len(train)} digits ({len(test)} held out), {how}, "
               f"global batch {args.batch_size}, wire {wire}", flush=True)
 
     samples, train_time = 0, 0.0
@@ -141,6 +158,8 @@ def main(argv=None):
         width = max(len(k) for k, _ in rows)
         print("\nsummary\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows), flush=True)
     dtrain.shutdown()
+    if serving:
+        return 0  # the trained model lives on the workers
     if acc < args.min_accuracy:
         print(f"rank {rank}: test accuracy {acc:.4f} is below --min-accuracy {args.min_accuracy}", file=sys.stderr)
         return 1

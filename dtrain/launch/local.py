@@ -19,10 +19,12 @@ import collections
 import dataclasses
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -80,20 +82,43 @@ def stop_sessions(procs: Sequence[subprocess.Popen], first: int, grace: float) -
         p.wait()
 
 
-def watch(procs: Sequence[subprocess.Popen], timeout: Optional[float] = None) -> Tuple[Optional[int], int]:
+def watch(procs: Sequence[subprocess.Popen], timeout: Optional[float] = None,
+          ignore: Sequence[int] = ()) -> Tuple[Optional[int], int]:
     """Polls until a process fails, all succeed, or `timeout` seconds pass. Returns (index, return
-    code) of the first failure, (None, 0) when every one succeeded, (None, 124) on timeout."""
+    code) of the first failure, (None, 0) when every one succeeded, (None, 124) on timeout.
+    Processes listed in `ignore` (indices) count as neither."""
     start = time.monotonic()
     while True:
-        codes = [p.poll() for p in procs]
+        codes = [None if i in ignore else p.poll() for i, p in enumerate(procs)]
         failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
         if failed:
             return failed[0]
-        if all(c == 0 for c in codes):
+        if all(c == 0 for i, c in enumerate(codes) if i not in ignore):
             return None, 0
         if timeout is not None and time.monotonic() - start > timeout:
             return None, 124
         time.sleep(0.05)
+
+
+LAUNCH_DIR_ENV = "DTRAIN_LAUNCH_DIR"
+
+
+def mark_expendable(rank: int, why: str) -> None:
+    """Tells dtrain-run that this rank may fail without stopping the job (a parameter-server
+    worker: the others go on without it). Does nothing outside dtrain-run."""
+    folder = os.environ.get(LAUNCH_DIR_ENV)
+    if folder and os.path.isdir(folder):
+        with open(os.path.join(folder, f"expendable-{rank}"), "w") as f:
+            f.write(why)
+
+
+def expendable(folder: Optional[str], rank: int) -> Optional[str]:
+    """Why `rank` marked itself expendable, or None."""
+    try:
+        with open(os.path.join(folder, f"expendable-{rank}")) as f:
+            return f.read()
+    except (OSError, TypeError):
+        return None
 
 
 def job_env(rank: int, size: int, port: int, token: str, base: Optional[Dict[str, str]] = None,
@@ -174,6 +199,7 @@ class LocalJob:
         self.tails = [collections.deque(maxlen=TAIL_LINES) for _ in range(nprocs)]
         self._pumps: List[threading.Thread] = []
         self._write_lock = threading.Lock()
+        self.launch_dir: Optional[str] = None  # where ranks leave notes for the launcher
 
     def start(self) -> None:
         node = self.node
@@ -190,11 +216,13 @@ class LocalJob:
             # Ranks with one host id share memory; this node's ranks are one host, whatever the
             # machine (two node launchers on one machine, as in the test bed, talk TCP).
             host_id = os.environ.get("DTRAIN_HOST_ID") or f"node{node.node_rank}"
+        self.launch_dir = tempfile.mkdtemp(prefix="dtrain-run-")
         try:
             for i in range(self.nprocs):
                 rank = self.first_rank + i
                 env = job_env(rank, self.world, port, token, addr=addr, local_rank=i, local_size=self.nprocs,
                               host_id=host_id)
+                env[LAUNCH_DIR_ENV] = self.launch_dir
                 fds = ()
                 if rank == 0:
                     env["DTRAIN_STORE_FD"] = str(listener.fileno())
@@ -260,7 +288,18 @@ class LocalJob:
 
         Returns the job's exit status: 0, or the failed rank's code (128+signal if killed).
         """
-        i, code = watch(self.procs, timeout)
+        gone: List[int] = []
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            i, code = watch(self.procs, left, ignore=gone)
+            why = expendable(self.launch_dir, self.first_rank + i) if i is not None else None
+            if why is None:
+                break
+            gone.append(i)
+            self.err.write(f"dtrain-run: rank {self.first_rank + i} failed ({describe_exit(code)}); it is {why}, "
+                           f"so the job goes on without it\n")
+            self.err.flush()
         if i is None and code == 0:
             self._drain()
             return 0
@@ -276,6 +315,8 @@ class LocalJob:
     def _drain(self) -> None:
         for t in self._pumps:
             t.join(timeout=5)
+        if self.launch_dir:
+            shutil.rmtree(self.launch_dir, ignore_errors=True)
 
     def _report(self, i: int, code: int) -> None:
         rank = self.first_rank + i

@@ -39,7 +39,6 @@ import contextlib
 import json
 import os
 import socket
-import time
 import zlib
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -48,7 +47,8 @@ import torch
 import dtrain
 from dtrain import _C
 from dtrain.comm.group import current
-from dtrain.errors import CommError, ConfigError, DataError
+from dtrain.errors import ConfigError, DataError
+from dtrain.launch.local import mark_expendable
 from dtrain.parallel import checkpoint
 from dtrain.parallel.strategy import Strategy
 
@@ -259,6 +259,8 @@ class ParameterServerStrategy(Strategy):
         if self._client.step:  # rejoining a running job: take the current parameters
             self._client.pull(self._flat_in.data_ptr())
             self._adopt()
+        # The others go on without this worker should it fail; dtrain-run need not stop the job.
+        mark_expendable(self.rank, "a parameter-server worker")
         self._hook = model.register_forward_pre_hook(lambda *a: self.synchronize())
         self._optimizer.step = self._step  # the instance's step: the servers apply the update
         _before_shutdown(self.close)
