@@ -92,6 +92,7 @@ void Server::acceptLoop() {
       continue;
     }
     if (!s.valid()) continue;
+    s.setNoDelay();  // a reply is a header and a payload: Nagle would hold the second for an ACK
     auto c = std::make_shared<Conn>();
     c->sock = std::move(s);
     c->peer = peer;
