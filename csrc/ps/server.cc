@@ -67,7 +67,8 @@ void Server::stop() {
   if (acceptor_.joinable()) acceptor_.join();
   {
     std::lock_guard<std::mutex> g(connMu_);
-    for (auto& c : conns_) ::shutdown(c->sock.fd(), SHUT_RDWR);
+    for (auto& c : conns_)
+      if (c->sock.valid()) ::shutdown(c->sock.fd(), SHUT_RDWR);
   }
   cv_.notify_all();
   controlCv_.notify_all();
@@ -103,6 +104,16 @@ void Server::acceptLoop() {
 }
 
 void Server::serve(std::shared_ptr<Conn> c) {
+  // However this ends, the connection closes here (under connMu_, so stop() never shuts down a
+  // descriptor number that was closed and reused).
+  struct Closer {
+    Server* s;
+    Conn* c;
+    ~Closer() {
+      std::lock_guard<std::mutex> g(s->connMu_);
+      c->sock.close();
+    }
+  } closer{this, c.get()};
   std::string why;
   if (!authenticateAsServer(c->sock, opts_.token, "ps", deadlineIn(10.0), &why)) {
     {
