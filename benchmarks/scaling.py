@@ -2,6 +2,7 @@
 
     python benchmarks/scaling.py                   # both models, 1 and 2 ranks
     python benchmarks/scaling.py --quick --out bench-out
+    python benchmarks/scaling.py --part ps         # parameter server vs AllReduce with a straggler
 
 Two models, weak scaling (the per-rank batch stays fixed):
   * compute-bound: a small ResNet on 32x32 synthetic images (about 0.08M parameters);
@@ -175,7 +176,17 @@ def main(argv=None):
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3, help="repeat every measurement, report the median")
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated model names or prefixes (resnet, mlp)")
+    ap.add_argument("--part", choices=["all", "ddp", "ps"], default="all",
+                    help="ddp: strategies against DDP; ps: the parameter server against AllReduce with a straggler "
+                         "(benchmarks/ps_straggler.py; writes scaling-ps.*)")
     args = ap.parse_args(argv)
+    if args.part in ("all", "ps"):
+        import ps_straggler
+        lines, data = ps_straggler.run(args.quick, 1 if args.quick else args.rounds,
+                                       progress=lambda s: print(f"scaling: {s}", file=sys.stderr, flush=True))
+        ps_straggler.write(lines, data, args.out)
+        if args.part == "ps":
+            return
     asked = [m.strip() for m in args.models.split(",") if m.strip()]
     names = [k for k in MODELS if any(k == m or k.startswith(m) for m in asked)]  # "mlp" picks "mlp-25M (...)"
     unknown = [m for m in asked if not any(k.startswith(m) for k in MODELS)]
@@ -241,4 +252,5 @@ def main(argv=None):
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(HERE))
+    sys.path.insert(0, HERE)
     main()
