@@ -5,6 +5,7 @@ the memory dtrain.comm.api passes by address, reductions for libraries without h
 from __future__ import annotations
 
 import ctypes
+import time
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -39,6 +40,42 @@ def reducible(ptr: int, count: int, dt, op_name: str, size: int) -> Tuple[torch.
             t.copy_(work)
 
     return work, after
+
+
+class ForeignWork:
+    """Another library's request (or None: nothing left to wait for) and what to run once it
+    completes. Subclasses say how to poll it (`_poll`: True once finished) and block on it
+    (`_block`: returns when finished, raising the call's error)."""
+
+    def __init__(self, handle=None, after: Optional[Callable[[], None]] = None):
+        self._handle, self._after, self._done = handle, after, False
+
+    def _poll(self) -> bool:
+        raise NotImplementedError
+
+    def _block(self) -> None:
+        raise NotImplementedError
+
+    def _complete(self) -> None:
+        if not self._done:
+            self._done = True
+            if self._after is not None:
+                self._after()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        if self._handle is not None and not self._done:
+            if timeout is not None and timeout >= 0:
+                deadline = time.monotonic() + timeout
+                while not self._poll():
+                    if time.monotonic() > deadline:
+                        return False
+                    time.sleep(0.0005)
+            self._block()
+        self._complete()
+        return True
+
+    def is_completed(self) -> bool:
+        return self._handle is None or self._done or (self._poll() and self.wait(0))
 
 
 class Then:

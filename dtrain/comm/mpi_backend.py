@@ -14,12 +14,11 @@ AllReduceStrategy sends float32). A rank that aborts ends the MPI job (MPI_Abort
 from __future__ import annotations
 
 import sys
-import time
 from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
-from dtrain.comm.foreign import reduce_scatter_by_allreduce, reducible
+from dtrain.comm.foreign import ForeignWork, reduce_scatter_by_allreduce, reducible
 from dtrain.comm.tensors import element_size as _esize
 from dtrain.comm.tensors import offsets as _offsets
 from dtrain.errors import CommError, ConfigError
@@ -38,38 +37,14 @@ def _bytes(ptr: int, nbytes: int) -> np.ndarray:
         np.empty(0, dtype=np.uint8)
 
 
-class MpiWork:
-    """A request (or nothing left to wait for) and what to do once it completes."""
+class MpiWork(ForeignWork):
+    """An MPI request (or nothing left to wait for) and what to do once it completes."""
 
-    def __init__(self, request=None, after: Optional[Callable[[], None]] = None):
-        self._req, self._after, self._done = request, after, False
+    def _poll(self) -> bool:
+        return self._handle.Test()
 
-    def _complete(self) -> None:
-        if not self._done:
-            self._done = True
-            if self._after is not None:
-                self._after()
-
-    def wait(self, timeout: Optional[float] = None) -> bool:
-        if self._req is not None and not self._done:
-            if timeout is None or timeout < 0:
-                self._req.Wait()
-            else:
-                deadline = time.monotonic() + timeout
-                while not self._req.Test():
-                    if time.monotonic() > deadline:
-                        return False
-                    time.sleep(0.0005)
-        self._complete()
-        return True
-
-    def is_completed(self) -> bool:
-        if self._req is None or self._done:
-            return True
-        if self._req.Test():
-            self._complete()
-            return True
-        return False
+    def _block(self) -> None:
+        self._handle.Wait()
 
 
 class MpiGroup:

@@ -20,13 +20,12 @@ from __future__ import annotations
 import datetime
 import os
 import sys
-import time
 from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-from dtrain.comm.foreign import reduce_scatter_by_allreduce, reducible
+from dtrain.comm.foreign import ForeignWork, reduce_scatter_by_allreduce, reducible
 from dtrain.comm.foreign import view as _view
 from dtrain.comm.tensors import offsets
 from dtrain.errors import CommError, ConfigError
@@ -35,39 +34,21 @@ _OPS = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.SUM, "min": dist.ReduceOp
         "max": dist.ReduceOp.MAX, "prod": dist.ReduceOp.PRODUCT}
 
 
-class TorchWork:
+class TorchWork(ForeignWork):
     """A torch.distributed Work (or nothing left to wait for) and what to do once it completes."""
 
     def __init__(self, group: "TorchGroup", what: str, work=None, after: Optional[Callable[[], None]] = None):
-        self._group, self._what, self._work, self._after, self._done = group, what, work, after, False
+        super().__init__(work, after)
+        self._group, self._what = group, what
 
-    def _complete(self) -> None:
-        if not self._done:
-            self._done = True
-            if self._after is not None:
-                self._after()
+    def _poll(self) -> bool:
+        return self._handle.is_completed()
 
-    def wait(self, timeout: Optional[float] = None) -> bool:
-        if self._work is not None and not self._done:
-            try:
-                if timeout is None or timeout < 0:
-                    self._work.wait()
-                else:
-                    deadline = time.monotonic() + timeout
-                    while not self._work.is_completed():
-                        if time.monotonic() > deadline:
-                            return False
-                        time.sleep(0.0005)
-                    self._work.wait()  # raises the call's error, if it failed
-            except RuntimeError as e:
-                raise self._group._error(self._what, e) from None
-        self._complete()
-        return True
-
-    def is_completed(self) -> bool:
-        if self._work is None or self._done:
-            return True
-        return self._work.is_completed() and self.wait(0)
+    def _block(self) -> None:
+        try:
+            self._handle.wait()  # raises the call's error, if it failed
+        except RuntimeError as e:
+            raise self._group._error(self._what, e) from None
 
 
 class TorchGroup:
