@@ -24,6 +24,7 @@ from dtrain.comm import (
     recv,
     reduce_scatter,
     send,
+    sendrecv,
     shutdown,
     world_size,
 )
@@ -36,5 +37,5 @@ __all__ = [
     "CommError", "CommTimeout", "ConfigError", "DataError", "DtrainError", "RendezvousError",
     "Group", "Work", "allgather", "allreduce", "alltoall", "barrier", "broadcast", "init",
     "is_initialized", "local_rank", "local_size", "new_group", "rank", "recv", "reduce_scatter",
-    "send", "shutdown", "world_size", "AllReduceStrategy", "LocalStrategy", "ParameterServerStrategy", "Strategy",
+    "send", "sendrecv", "shutdown", "world_size", "AllReduceStrategy", "LocalStrategy", "ParameterServerStrategy", "Strategy",
 ]

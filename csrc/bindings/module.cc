@@ -242,6 +242,11 @@ PYBIND11_MODULE(_C, m) {
              Group* G = g.group.get();
              return g.dispatch(async, [=] { G->recv(P(buf), n, dt, src); });
            }, "Receives `n` elements from group rank `src`.")
+      .def("sendrecv", [](PyGroup& g, Ptr sbuf, uint64_t sn, int dst, Ptr rbuf, uint64_t rn, int src, DType dt,
+                          bool async) {
+             Group* G = g.group.get();
+             return g.dispatch(async, [=] { G->sendRecv(P(sbuf), sn, dst, P(rbuf), rn, src, dt); });
+           }, "Sends `sn` elements to `dst` and receives `rn` from `src` in one call (-1: no such leg).")
       .def("barrier", [](PyGroup& g, bool async) {
              Group* G = g.group.get();
              return g.dispatch(async, [=] { G->barrier(); });

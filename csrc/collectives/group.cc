@@ -451,6 +451,20 @@ void Group::recv(void* buf, uint64_t count, DType dt, int src) {
   runCollective(*this, c);
 }
 
+void Group::sendRecv(const void* sendBuf, uint64_t sendCount, int dst, void* recvBuf, uint64_t recvCount,
+                     int src, DType dt) {
+  DTRAIN_CHECK(dst == -1 || (dst >= 0 && dst < size() && dst != me_), kConfig, "sendrecv to rank ", dst,
+               ": the destination must be another rank of group ", name_, " (size ", size(), "), or -1 for none");
+  DTRAIN_CHECK(src == -1 || (src >= 0 && src < size() && src != me_), kConfig, "sendrecv from rank ", src,
+               ": the source must be another rank of group ", name_, " (size ", size(), "), or -1 for none");
+  Descriptor d = begin(Kind::kSend, dt, 0, RedOp::kSum, dt, /*root=*/0, /*collective=*/false);
+  if (dst < 0 && src < 0) return;
+  Exchange c(d);
+  if (dst >= 0) c.sendTo(pair(dst), dst, static_cast<const uint8_t*>(sendBuf), sendCount * dtypeSize(dt));
+  if (src >= 0) c.recvFrom(pair(src), src, static_cast<uint8_t*>(recvBuf), recvCount * dtypeSize(dt));
+  runCollective(*this, c);
+}
+
 void Group::barrier() {
   Descriptor d = begin(Kind::kBarrier, DType::kUInt8, 0);
   if (size() == 1) return;

@@ -61,6 +61,11 @@ class Group {
                 const std::vector<uint64_t>& recvCounts, DType dt);
   void send(const void* buf, uint64_t count, DType dt, int dst);
   void recv(void* buf, uint64_t count, DType dt, int src);
+  // Sends `sendCount` elements to `dst` while receiving `recvCount` from `src`, as one call that
+  // ends when both legs have: the two neighbours of a pipeline trade activations for gradients
+  // without either send waiting on the other's. dst or src of -1 leaves that leg out.
+  void sendRecv(const void* sendBuf, uint64_t sendCount, int dst, void* recvBuf, uint64_t recvCount, int src,
+                DType dt);
   void barrier();
 
   // ---- used by the engine ----

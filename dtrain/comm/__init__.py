@@ -15,6 +15,7 @@ from dtrain.comm.api import (
     recv,
     reduce_scatter,
     send,
+    sendrecv,
     shutdown,
     world_size,
 )
@@ -23,5 +24,5 @@ from dtrain.comm.group import Group, Work
 __all__ = [
     "Group", "Work", "allgather", "allreduce", "alltoall", "barrier", "broadcast", "init",
     "is_initialized", "local_rank", "local_size", "new_group", "rank", "recv", "reduce_scatter",
-    "send", "shutdown", "world_size",
+    "send", "sendrecv", "shutdown", "world_size",
 ]

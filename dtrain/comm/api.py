@@ -344,6 +344,38 @@ def recv(t: torch.Tensor, src: int, group: Optional[Group] = None) -> torch.Tens
     return t
 
 
+def sendrecv(send_t: Optional[torch.Tensor], dst: Optional[int], recv_t: Optional[torch.Tensor],
+             src: Optional[int], group: Optional[Group] = None) -> Optional[torch.Tensor]:
+    """Sends `send_t` to `dst` while receiving into `recv_t` from `src`, as one call that returns
+    once both are done (either side may be None). Two neighbours that swap tensors this way
+    never wait on each other's send, as each would with send() then recv(). Both tensors must
+    have the same dtype. Returns `recv_t`.
+
+    Example (2 ranks)::
+
+        out = torch.empty(3)
+        peer = 1 - dtrain.rank()
+        dtrain.sendrecv(torch.full((3,), float(dtrain.rank())), peer, out, peer)   # out: the peer's rank
+    """
+    g = resolve(group)
+    if (send_t is None) != (dst is None) or (recv_t is None) != (src is None):
+        raise ConfigError("sendrecv takes a tensor and a rank for each side it uses: "
+                          f"send_t={'given' if send_t is not None else None} with dst={dst}, "
+                          f"recv_t={'given' if recv_t is not None else None} with src={src}")
+    if send_t is not None and recv_t is not None and send_t.dtype != recv_t.dtype:
+        raise ConfigError(f"sendrecv sends {send_t.dtype} but receives {recv_t.dtype}: use one dtype for both")
+    sbuf = staging(send_t, "sendrecv")[0] if send_t is not None else None
+    rbuf, copy_back = staging(recv_t, "sendrecv") if recv_t is not None else (None, False)
+    dt = native_dtype(sbuf if sbuf is not None else rbuf, "sendrecv") if (sbuf is not None or rbuf is not None) \
+        else _C.DType.uint8
+    g.sendrecv(sbuf.data_ptr() if sbuf is not None else 0, sbuf.numel() if sbuf is not None else 0,
+               -1 if dst is None else int(dst), rbuf.data_ptr() if rbuf is not None else 0,
+               rbuf.numel() if rbuf is not None else 0, -1 if src is None else int(src), dt, False)
+    if copy_back:
+        recv_t.copy_(rbuf)
+    return recv_t
+
+
 def barrier(group: Optional[Group] = None) -> None:
     """Returns once every rank of `group` has called barrier."""
     resolve(group).barrier(False)

@@ -109,3 +109,19 @@ def reduce_scatter_by_allreduce(group, src: int, out: int, count: int, dt, op, w
         keep()
         return None
     return Then(work, keep, full)
+
+
+def sendrecv_by_send_recv(group, sbuf: int, sn: int, dst: int, rbuf: int, rn: int, src: int, dt,
+                          async_op: bool) -> None:
+    """For libraries with non-blocking point-to-point calls: post both legs, then wait for both,
+    so neither side's send waits on the other's."""
+    if async_op:
+        raise ConfigError("sendrecv is blocking only")
+    works = []
+    if dst >= 0:
+        works.append(group.send(sbuf, sn, dt, dst, True))
+    if src >= 0:
+        works.append(group.recv(rbuf, rn, dt, src, True))
+    for w in works:
+        w.wait(None)
+    return None

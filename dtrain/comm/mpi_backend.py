@@ -18,7 +18,7 @@ from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
-from dtrain.comm.foreign import ForeignWork, reduce_scatter_by_allreduce, reducible
+from dtrain.comm.foreign import ForeignWork, reduce_scatter_by_allreduce, reducible, sendrecv_by_send_recv
 from dtrain.comm.tensors import element_size as _esize
 from dtrain.comm.tensors import offsets as _offsets
 from dtrain.errors import CommError, ConfigError
@@ -119,6 +119,9 @@ class MpiGroup:
         buf = _bytes(ptr, count * _esize(dt))
         return self._run(lambda block: comm.Recv(buf, source=src) if block else comm.Irecv(buf, source=src),
                          None, async_op)
+
+    def sendrecv(self, sbuf, sn, dst, rbuf, rn, src, dt, async_op):
+        return sendrecv_by_send_recv(self, sbuf, sn, dst, rbuf, rn, src, dt, async_op)
 
     def barrier(self, async_op):
         comm = self._member("barrier")

@@ -25,7 +25,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from dtrain.comm.foreign import ForeignWork, reduce_scatter_by_allreduce, reducible
+from dtrain.comm.foreign import ForeignWork, reduce_scatter_by_allreduce, reducible, sendrecv_by_send_recv
 from dtrain.comm.foreign import view as _view
 from dtrain.comm.tensors import offsets
 from dtrain.errors import CommError, ConfigError
@@ -133,6 +133,9 @@ class TorchGroup:
         if not 0 <= r < self.size or r == self.rank:
             raise ConfigError(f"{what} rank {r}: it must be another rank of group {self.name} (size {self.size})")
         return self.ranks[r]
+
+    def sendrecv(self, sbuf, sn, dst, rbuf, rn, src, dt, async_op):
+        return sendrecv_by_send_recv(self, sbuf, sn, dst, rbuf, rn, src, dt, async_op)
 
     def barrier(self, async_op):
         return self._run("barrier", lambda a: dist.barrier(group=self.pg, async_op=a), None, async_op)

@@ -48,3 +48,14 @@ def test_hierarchical_allreduce_across_fake_hosts(hosts, per_host):
         assert transports == {j: ("shm" if j // per_host == r // per_host else "tcp") for j in range(n) if j != r}
         for hierarchy in ("flat", "hierarchical"):
             assert digests[hierarchy] == results[0][2][hierarchy], f"rank {r} disagrees ({hierarchy})"
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+@pytest.mark.parametrize("world", [2, 3])
+def test_sendrecv_swaps_without_deadlock(world, transport):
+    results = ranks(workers.sendrecv_ring, world, env={"DTRAIN_TRANSPORT": transport}, timeout=180)
+    for errors in results:
+        assert errors[0] and "destination must be another rank" in errors[0], errors
+        assert errors[1] and "a tensor and a rank for each side" in errors[1], errors
+        assert errors[2] and "use one dtype" in errors[2], errors

@@ -176,3 +176,42 @@ def hierarchical(per_host, seed):
     layout = native.hierarchical_layout
     dtrain.shutdown()
     return layout, transports, digests
+
+
+def sendrecv_ring():
+    """Every rank sends to the next and receives from the previous at once, with tensors far
+    larger than a transport's buffer (send() then recv() would leave every rank waiting on its
+    send), in every dtype and at sizes 0, 1, odd; then one-sided legs and the argument checks."""
+    dtrain.init()
+    r, n = dtrain.rank(), dtrain.world_size()
+    nxt, prv = (r + 1) % n, (r - 1) % n
+    for dtype in DTYPES:
+        for size in SIZES + [3 << 20]:
+            mine = (torch.arange(size) % 97 + 1000 * r).to(dtype)
+            got = torch.full((size,), -1).to(dtype)
+            assert dtrain.sendrecv(mine, nxt, got, prv) is got
+            assert torch.equal(got, (torch.arange(size) % 97 + 1000 * prv).to(dtype)), (dtype, size)
+    # one-sided: ranks trade along a line, the ends use one leg only; sizes differ per direction
+    down = torch.full((5,), float(r))
+    up = torch.empty(3) if r > 0 else None
+    back = torch.empty(5) if r < n - 1 else None
+    dtrain.sendrecv(torch.full((3,), float(r)) if r < n - 1 else None, nxt if r < n - 1 else None,
+                    up, prv if r > 0 else None)
+    dtrain.sendrecv(down if r > 0 else None, prv if r > 0 else None, back, nxt if r < n - 1 else None)
+    if r > 0:
+        assert up.tolist() == [float(prv)] * 3
+    if r < n - 1:
+        assert back.tolist() == [float(nxt)] * 5
+    dtrain.sendrecv(None, None, None, None)  # nothing to do is fine
+    errors = []
+    for call in (lambda: dtrain.sendrecv(torch.zeros(1), r, torch.zeros(1), prv),
+                 lambda: dtrain.sendrecv(torch.zeros(1), None, None, None),
+                 lambda: dtrain.sendrecv(torch.zeros(1), nxt, torch.zeros(1, dtype=torch.int64), prv)):
+        try:
+            call()
+            errors.append(None)
+        except dtrain.ConfigError as e:
+            errors.append(str(e))
+    dtrain.barrier()
+    dtrain.shutdown()
+    return errors
