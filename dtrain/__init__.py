@@ -29,7 +29,7 @@ from dtrain.comm import (
     world_size,
 )
 
-from dtrain.parallel import AllReduceStrategy, LocalStrategy, ParameterServerStrategy, Strategy
+from dtrain.parallel import AllReduceStrategy, LocalStrategy, ParameterServerStrategy, PipelineStrategy, Strategy
 
 __version__ = "0.1.0"
 
@@ -37,5 +37,5 @@ __all__ = [
     "CommError", "CommTimeout", "ConfigError", "DataError", "DtrainError", "RendezvousError",
     "Group", "Work", "allgather", "allreduce", "alltoall", "barrier", "broadcast", "init",
     "is_initialized", "local_rank", "local_size", "new_group", "rank", "recv", "reduce_scatter",
-    "send", "sendrecv", "shutdown", "world_size", "AllReduceStrategy", "LocalStrategy", "ParameterServerStrategy", "Strategy",
+    "send", "sendrecv", "shutdown", "world_size", "AllReduceStrategy", "LocalStrategy", "ParameterServerStrategy", "PipelineStrategy", "Strategy",
 ]

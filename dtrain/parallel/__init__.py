@@ -2,7 +2,8 @@
 
 from dtrain.parallel.data_parallel import AllReduceStrategy
 from dtrain.parallel.param_server import ParameterServerStrategy
+from dtrain.parallel.pipeline import PipelineStrategy
 from dtrain.parallel.sharding import ShardedSampler
 from dtrain.parallel.strategy import LocalStrategy, Strategy
 
-__all__ = ["AllReduceStrategy", "ParameterServerStrategy", "LocalStrategy", "ShardedSampler", "Strategy"]
+__all__ = ["AllReduceStrategy", "ParameterServerStrategy", "PipelineStrategy", "LocalStrategy", "ShardedSampler", "Strategy"]

@@ -31,6 +31,23 @@ def resolve_file(path: str) -> str:
     return os.path.join(path, FILE_NAME)
 
 
+def shard_file(path: str, index: int, count: int) -> str:
+    """The file of shard `index` of `count` for the checkpoint `path` names: ckpt/checkpoint.pt ->
+    ckpt/checkpoint-shard1-of-4.pt (one per pipeline stage or tensor-parallel rank)."""
+    if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
+        raise ConfigError(f"shard=({index!r}, {count!r}) must be (index, count) with 0 <= index < count")
+    stem, ext = os.path.splitext(resolve_file(path))
+    return f"{stem}-shard{index}-of-{count}{ext}"
+
+
+def check_shard(payload: Dict[str, Any], file: str, shard) -> None:
+    saved = payload.get("shard")
+    want = tuple(shard) if shard is not None else None
+    if (tuple(saved) if saved is not None else None) != want:
+        raise ConfigError(f"{file} holds shard {saved} but shard {want} was asked for: load into the layout it "
+                          "was saved from (the same pipeline stages / tensor-parallel ranks)")
+
+
 def atomic_write(target: str, data: bytes) -> None:
     """Writes `data` to `target` so that readers see the old file or the new one, nothing between."""
     folder = os.path.dirname(os.path.abspath(target))
@@ -151,4 +168,5 @@ def restore(payload: Dict[str, Any], rank: int, model: Optional[torch.nn.Module]
     return out
 
 
-__all__ = ["atomic_write", "deserialize", "read", "resolve_file", "restore", "rng_state", "serialize"]
+__all__ = ["atomic_write", "check_shard", "deserialize", "read", "resolve_file", "restore", "rng_state", "serialize",
+           "shard_file"]

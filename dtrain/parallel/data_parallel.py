@@ -394,6 +394,15 @@ class _Reducer:
         self._handles = []
 
 
+_OWNERS: "weakref.WeakKeyDictionary[torch.nn.Module, AllReduceStrategy]" = weakref.WeakKeyDictionary()
+
+
+def data_parallel_of(module: torch.nn.Module) -> Optional["AllReduceStrategy"]:
+    """The AllReduceStrategy that prepared `module`, if any (a pipeline stage asks, to reduce
+    its gradients once per step rather than once per micro-batch)."""
+    return _OWNERS.get(module)
+
+
 class AllReduceStrategy(Strategy):
     """Synchronous data parallelism over the native collectives.
 
@@ -454,6 +463,7 @@ class AllReduceStrategy(Strategy):
         if self.reducer is not None:
             raise ConfigError("this AllReduceStrategy already prepared a model: make one strategy per model")
         self._broadcast_module(model)
+        _OWNERS[model] = self
         if optimizer is not None:
             self._broadcast_optimizer(optimizer)
         params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once

@@ -102,18 +102,23 @@ class Strategy:
 
     # ---- checkpoints
     def save(self, path: str, model: Optional[torch.nn.Module] = None,
-             optimizer: Optional[torch.optim.Optimizer] = None, step: Optional[int] = None, **extra) -> str:
+             optimizer: Optional[torch.optim.Optimizer] = None, step: Optional[int] = None,
+             shard: Optional[Tuple[int, int]] = None, **extra) -> str:
         """Writes model, optimizer, every rank's RNG states, `step` and `extra` to `path`
         atomically (rank 0 writes; the others wait until it is on disk). Returns the file.
 
-        A crash during the save leaves the previous checkpoint at `path` loadable.
+        shard=(index, count): this rank's part of a model split across ranks (tensor parallel),
+        written to its own file (checkpoint-shard{index}-of-{count}.pt); rank 0 of each
+        data-parallel group writes its shard. A crash during the save leaves the previous
+        checkpoint at `path` loadable.
         """
         rngs = self._gather_rng()
-        file = checkpoint.resolve_file(path)
+        file = checkpoint.resolve_file(path) if shard is None else checkpoint.shard_file(path, *shard)
         if self.is_main:
             payload = {
                 "dtrain_format": checkpoint.FORMAT,
                 "world_size": self.world_size,
+                "shard": tuple(shard) if shard is not None else None,
                 "model": model.state_dict() if model is not None else None,
                 "optimizer": optimizer.state_dict() if optimizer is not None else None,
                 "step": step,
@@ -121,16 +126,27 @@ class Strategy:
                 "extra": extra,
             }
             checkpoint.atomic_write(file, checkpoint.serialize(payload))
-        self.barrier()
+        self._saved_barrier(shard)
         return file
 
+    def _saved_barrier(self, shard) -> None:
+        # Shards are written by several writers, one per group: wait for all of them.
+        if shard is not None and dtrain.is_initialized():
+            dtrain.barrier()
+        else:
+            self.barrier()
+
     def load(self, path: str, model: Optional[torch.nn.Module] = None,
-             optimizer: Optional[torch.optim.Optimizer] = None, strict: bool = True) -> Dict[str, Any]:
-        """Restores what save() wrote into `model` and `optimizer` (and this rank's RNG states).
+             optimizer: Optional[torch.optim.Optimizer] = None, strict: bool = True,
+             shard: Optional[Tuple[int, int]] = None) -> Dict[str, Any]:
+        """Restores what save() wrote into `model` and `optimizer` (and this rank's RNG states);
+        `shard` as given to save().
 
         Returns ``{"step": step, **extra}``.
         """
-        payload = checkpoint.read(path)
+        file = checkpoint.resolve_file(path) if shard is None else checkpoint.shard_file(path, *shard)
+        payload = checkpoint.read(file)
+        checkpoint.check_shard(payload, file, shard)
         return checkpoint.restore(payload, self.rank, model, optimizer, strict=strict)
 
 
