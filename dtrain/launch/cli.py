@@ -49,7 +49,8 @@ def parser() -> argparse.ArgumentParser:
                    help="after a failure, start every rank again up to this many times (DTRAIN_RESTART_COUNT "
                         "tells the script which attempt it is; resume from your checkpoint)")
     p.add_argument("--grace", type=float, default=3.0,
-                   help="seconds between SIGTERM and SIGKILL when stopping ranks (default 3)")
+                   help="after a rank fails, seconds the others get to see it before SIGTERM, and again before "
+                        "SIGKILL (default 3)")
     g = p.add_argument_group("one launcher per node")
     g.add_argument("--nnodes", type=int, default=1, help="nodes in the job, each running this launcher (default 1)")
     g.add_argument("--node-rank", type=int, default=0, help="this node's number, 0..nnodes-1 (0: the master's host)")

@@ -304,6 +304,12 @@ class LocalJob:
             self._drain()
             return 0
         running = [self.first_rank + k for k, p in enumerate(self.procs) if p.poll() is None]
+        if i is not None:
+            # The others' collectives fail within seconds of a peer's death and name it: let them
+            # say so before they are stopped (SIGTERM would cut that message off).
+            deadline = time.monotonic() + self.grace
+            while time.monotonic() < deadline and any(p.poll() is None for p in self.procs):
+                time.sleep(0.05)
         self.kill_all()
         self._drain()
         if i is not None:
