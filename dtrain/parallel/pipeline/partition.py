@@ -66,7 +66,10 @@ def counts_for(balance, layers: Sequence[torch.nn.Module], parts: int, sample: O
     their average, so every rank cuts the model in the same places)."""
     n = len(layers)
     if balance is None:
-        return contiguous([1.0] * n, parts)
+        if n < parts:
+            return contiguous([1.0] * n, parts)  # raises, saying why
+        base, extra = divmod(n, parts)
+        return [base + (1 if i < extra else 0) for i in range(parts)]  # the first stages get the extra layer
     if isinstance(balance, str):
         if balance == "params":
             return contiguous(by_params(layers), parts)

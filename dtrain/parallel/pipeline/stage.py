@@ -16,16 +16,19 @@ from dtrain.parallel.pipeline.p2p import Link, rebuild
 
 
 class _SavedBytes:
-    """Bytes autograd holds for backward (saved activations: not parameters), live now and at the
-    peak, each tensor view counted once however many ops saved it."""
+    """Bytes autograd holds for backward (saved activations: not parameters or views of them, such
+    as the transposed weight a linear layer saves), live now and at the peak, each tensor view
+    counted once however many ops saved it."""
 
-    def __init__(self):
+    def __init__(self, module: torch.nn.Module):
         self.live = 0
         self.peak = 0
         self._refs: Dict[tuple, List[int]] = {}
+        self._params = {p.untyped_storage().data_ptr() for p in module.parameters()}
 
     def pack(self, t: torch.Tensor):
-        if not isinstance(t, torch.Tensor) or t.device.type == "meta" or (t.is_leaf and t.requires_grad):
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta" or (t.is_leaf and t.requires_grad) \
+                or t.untyped_storage().data_ptr() in self._params:
             return t
         key = (t.data_ptr(), t.numel() * t.element_size())
         ref = self._refs.get(key)
@@ -73,7 +76,7 @@ class PipelineStage:
         self.prev = Link(group, index - 1) if not self.is_first else None
         self.next = Link(group, index + 1) if not self.is_last else None
         self.checkpoint_activations = checkpoint_activations
-        self.meter = _SavedBytes() if track_memory else None
+        self.meter = _SavedBytes(module) if track_memory else None
         self.peak_in_flight = 0
         self.compute_s = 0.0
         self.trace: List[tuple] = []  # (kind, micro-batch, start, end) of the last step, perf_counter seconds
