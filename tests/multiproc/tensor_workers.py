@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import dtrain
 from dtrain.parallel import Mesh
-from dtrain.parallel.tensor import (ColumnParallelLinear, ParallelMLP, ParallelSelfAttention, RowParallelLinear,
+from dtrain.parallel.tensor import (ColumnParallelLinear, ParallelMLP, ParallelSelfAttention,
                                     VocabParallelEmbedding, copy_to_region, gather_from_region, reduce_from_region,
                                     scatter_to_region, vocab_parallel_cross_entropy)
 from dtrain.parallel.tensor.mappings import bounds
