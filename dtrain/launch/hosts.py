@@ -19,11 +19,10 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from typing import List, Optional, Sequence, Tuple
 
 from dtrain.errors import DtrainError
-from dtrain.launch.local import describe_exit, exit_status, stop_sessions, watch
+from dtrain.launch.local import describe_exit, exit_status, stop_sessions, wait_for_exit, watch
 
 Hosts = List[Tuple[str, int]]
 
@@ -147,9 +146,7 @@ class HostsJob:
         stopped on their own (their collectives fail within seconds) or were stopped."""
         k, code = watch(self.procs, timeout)
         if k is not None:
-            deadline = time.monotonic() + max(self.grace, 10.0)
-            while time.monotonic() < deadline and any(p.poll() is None for p in self.procs):
-                time.sleep(0.1)
+            wait_for_exit(self.procs, max(self.grace, 10.0), poll=0.1)
         if k is not None or code:
             self.stop()
         self._drain()

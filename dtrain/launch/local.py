@@ -71,12 +71,17 @@ def signal_sessions(procs: Sequence[subprocess.Popen], sig: int) -> None:
                 pass
 
 
+def wait_for_exit(procs: Sequence[subprocess.Popen], seconds: float, poll: float = 0.05) -> None:
+    """Returns once every process has exited, or after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+        time.sleep(poll)
+
+
 def stop_sessions(procs: Sequence[subprocess.Popen], first: int, grace: float) -> None:
     """`first` to every running process's session, SIGKILL after `grace` seconds; waits for all."""
     signal_sessions(procs, first)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(p.poll() is None for p in procs):
-        time.sleep(0.05)
+    wait_for_exit(procs, grace)
     signal_sessions(procs, signal.SIGKILL)
     for p in procs:
         p.wait()
@@ -307,9 +312,7 @@ class LocalJob:
         if i is not None:
             # The others' collectives fail within seconds of a peer's death and name it: let them
             # say so before they are stopped (SIGTERM would cut that message off).
-            deadline = time.monotonic() + self.grace
-            while time.monotonic() < deadline and any(p.poll() is None for p in self.procs):
-                time.sleep(0.05)
+            wait_for_exit(self.procs, self.grace)
         self.kill_all()
         self._drain()
         if i is not None:

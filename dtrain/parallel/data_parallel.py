@@ -44,7 +44,7 @@ from dtrain import ops
 from dtrain.comm.group import resolve
 from dtrain.errors import ConfigError
 from dtrain.parallel import checkpoint
-from dtrain.parallel.strategy import Strategy
+from dtrain.parallel.strategy import GroupStrategy
 
 _SUM_TARGET = 2.0 ** 13  # where an fp16 bucket's largest reduced value is put
 _UNDERFLOW = 1.0  # a scaled result whose largest value is below this lost bits to fp16's subnormals
@@ -403,7 +403,7 @@ def data_parallel_of(module: torch.nn.Module) -> Optional["AllReduceStrategy"]:
     return _OWNERS.get(module)
 
 
-class AllReduceStrategy(Strategy):
+class AllReduceStrategy(GroupStrategy):
     """Synchronous data parallelism over the native collectives.
 
     Args:
@@ -446,14 +446,6 @@ class AllReduceStrategy(Strategy):
             dtrain.init(backend=backend)
         self.reducer: Optional[_Reducer] = None
         self.wire: Optional[str] = None  # what gradients travel as, once prepared
-
-    @property
-    def rank(self) -> int:
-        return self._group.rank if self._group is not None else dtrain.rank()
-
-    @property
-    def world_size(self) -> int:
-        return self._group.size if self._group is not None else dtrain.world_size()
 
     def prepare(self, model, optimizer=None):
         """Makes every rank start identical and hooks gradient reduction. Returns (model, optimizer),
@@ -527,12 +519,6 @@ class AllReduceStrategy(Strategy):
             yield
         finally:
             r.enabled = prev
-
-    def barrier(self) -> None:
-        dtrain.barrier(group=self._group)
-
-    def _reduce_scalars(self, values: torch.Tensor) -> torch.Tensor:
-        return dtrain.allreduce(values, group=self._group)
 
     def _gather_rng(self) -> list:
         mine = checkpoint.rng_state()

@@ -150,6 +150,25 @@ class Strategy:
         return checkpoint.restore(payload, self.rank, model, optimizer, strict=strict)
 
 
+class GroupStrategy(Strategy):
+    """A strategy whose ranks are those of a group (None: the world): rank, size, barrier and
+    metric averaging all go through it."""
+
+    @property
+    def rank(self) -> int:
+        return self._group.rank if self._group is not None else dtrain.rank()
+
+    @property
+    def world_size(self) -> int:
+        return self._group.size if self._group is not None else dtrain.world_size()
+
+    def barrier(self) -> None:
+        dtrain.barrier(group=self._group)
+
+    def _reduce_scalars(self, values: torch.Tensor) -> torch.Tensor:
+        return dtrain.allreduce(values, group=self._group)
+
+
 class LocalStrategy(Strategy):
     """One process, the same API: the default when the world size is 1."""
 
@@ -157,4 +176,4 @@ class LocalStrategy(Strategy):
         return model, optimizer
 
 
-__all__ = ["Strategy", "LocalStrategy"]
+__all__ = ["Strategy", "GroupStrategy", "LocalStrategy"]

@@ -79,12 +79,6 @@ def pipeline_run(schedule, micro_batches, opt_kind, rows=10, checkpoint=False, s
     return {k: v.clone() for k, v in stage.state_dict().items()}, losses, strategy.stats()
 
 
-def pipeline_parity(schedule, micro_batches, opt_kind, steps=10, rows=10):
-    out = pipeline_run(schedule, micro_batches, opt_kind, rows, False, steps)
-    dtrain.shutdown()
-    return out
-
-
 def parity_runs(configs, steps):
     """pipeline_run for each config in turn, on one set of ranks."""
     out = [pipeline_run(*c, steps=steps) for c in configs]

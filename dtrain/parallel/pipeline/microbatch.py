@@ -28,15 +28,17 @@ def _batch_sizes(obj: Any, path: str, out: List[Tuple[str, int]]) -> None:
             _batch_sizes(x, f"{path}[{k!r}]", out)
 
 
-def _take(obj: Any, bounds: Tuple[int, int]) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj[bounds[0]:bounds[1]]
+def map_leaves(obj: Any, kind: type, fn) -> Any:
+    """`obj` rebuilt with every `kind` instance x inside its tuples, lists and dicts replaced by
+    fn(x), in order; anything else stays as it is."""
+    if isinstance(obj, kind):
+        return fn(obj)
     if isinstance(obj, tuple):
-        return tuple(_take(x, bounds) for x in obj)
+        return tuple(map_leaves(x, kind, fn) for x in obj)
     if isinstance(obj, list):
-        return [_take(x, bounds) for x in obj]
+        return [map_leaves(x, kind, fn) for x in obj]
     if isinstance(obj, dict):
-        return {k: _take(x, bounds) for k, x in obj.items()}
+        return {k: map_leaves(x, kind, fn) for k, x in obj.items()}
     return obj  # numbers, strings, None: the same for every micro-batch
 
 
@@ -69,7 +71,7 @@ def split(batch: Any, chunks: int, name: str = "batch") -> List[Any]:
     out, at = [], 0
     for i in range(chunks):
         k = base + (1 if i < extra else 0)
-        out.append(_take(batch, (at, at + k)))
+        out.append(map_leaves(batch, torch.Tensor, lambda t, lo=at, hi=at + k: t[lo:hi]))
         at += k
     return out
 
@@ -111,53 +113,22 @@ def flatten(obj: Any) -> Tuple[Any, List[torch.Tensor]]:
     """(skeleton, tensors): the skeleton is `obj` with each tensor replaced by a Leaf."""
     tensors: List[torch.Tensor] = []
 
-    def walk(x):
-        if isinstance(x, torch.Tensor):
-            tensors.append(x)
-            return Leaf(x)
-        if isinstance(x, tuple):
-            return tuple(walk(y) for y in x)
-        if isinstance(x, list):
-            return [walk(y) for y in x]
-        if isinstance(x, dict):
-            return {k: walk(y) for k, y in x.items()}
-        return x
+    def keep(t):
+        tensors.append(t)
+        return Leaf(t)
 
-    return walk(obj), tensors
+    return map_leaves(obj, torch.Tensor, keep), tensors
 
 
 def unflatten(skeleton: Any, tensors: List[torch.Tensor]) -> Any:
     """The inverse of flatten()."""
     it = iter(tensors)
-
-    def walk(x):
-        if isinstance(x, Leaf):
-            return next(it)
-        if isinstance(x, tuple):
-            return tuple(walk(y) for y in x)
-        if isinstance(x, list):
-            return [walk(y) for y in x]
-        if isinstance(x, dict):
-            return {k: walk(y) for k, y in x.items()}
-        return x
-
-    return walk(skeleton)
+    return map_leaves(skeleton, Leaf, lambda _: next(it))
 
 
 def leaves(skeleton: Any) -> List[Leaf]:
     out: List[Leaf] = []
-
-    def walk(x):
-        if isinstance(x, Leaf):
-            out.append(x)
-        elif isinstance(x, (tuple, list)):
-            for y in x:
-                walk(y)
-        elif isinstance(x, dict):
-            for y in x.values():
-                walk(y)
-
-    walk(skeleton)
+    map_leaves(skeleton, Leaf, out.append)
     return out
 
 

@@ -41,16 +41,17 @@ class Link:
     def __init__(self, group, peer: int):
         self.group = group
         self.peer = peer
-        self._sent_skeleton: Optional[bytes] = None
+        self._sent_skeleton: Any = None
         self._recv_skeleton: Any = None
 
     # ---- encoding
     def activation_chunks(self, obj: Any) -> List[torch.Tensor]:
         skeleton, tensors = flatten(obj)
-        raw = pickle.dumps(skeleton)
-        fresh = raw != self._sent_skeleton
-        self._sent_skeleton = raw
-        header = torch.tensor([len(raw) if fresh else 0, len(tensors)], dtype=torch.int64)
+        # compared as objects (Leaf has __eq__): pickled only when it changed, not every micro-batch
+        fresh = self._sent_skeleton is None or skeleton != self._sent_skeleton
+        raw = pickle.dumps(skeleton) if fresh else b""
+        self._sent_skeleton = skeleton
+        header = torch.tensor([len(raw), len(tensors)], dtype=torch.int64)
         chunks = [header.view(torch.uint8)]
         if fresh:
             chunks.append(torch.frombuffer(bytearray(raw), dtype=torch.uint8))

@@ -4,6 +4,7 @@ send/recv methods; nothing here knows in which order they come."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, Callable, Dict, List, Optional
 
@@ -136,7 +137,7 @@ class PipelineStage:
         try:
             if self.grad:
                 with torch.autograd.graph.saved_tensors_hooks(self.meter.pack, self.meter.unpack) \
-                        if self.meter is not None else _nothing():
+                        if self.meter is not None else contextlib.nullcontext():
                     out = self._run(x)
                     loss = self._loss(mb, out) if self.is_last else None
             else:
@@ -188,7 +189,7 @@ class PipelineStage:
                 pairs = [(t, g) for t, g in zip([t for t in flat if _wants_grad(t)], given)]
                 roots, grads = [t for t, _ in pairs], [g for _, g in pairs]
             if roots:
-                with self.backward_context(mb) if self.backward_context is not None else _nothing():
+                with self.backward_context(mb) if self.backward_context is not None else contextlib.nullcontext():
                     torch.autograd.backward(roots, grads)
         except Exception as e:  # noqa: BLE001
             self._fail("backward", mb, e)
@@ -271,10 +272,3 @@ class PipelineStage:
 def _wants_grad(t: torch.Tensor) -> bool:
     return t.requires_grad and (t.is_floating_point() or t.is_complex())
 
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -16,10 +16,10 @@ from dtrain.parallel import checkpoint
 from dtrain.parallel.data_parallel import data_parallel_of
 from dtrain.parallel.pipeline import microbatch, partition, schedules
 from dtrain.parallel.pipeline.stage import PipelineStage
-from dtrain.parallel.strategy import Strategy
+from dtrain.parallel.strategy import GroupStrategy
 
 
-class PipelineStrategy(Strategy):
+class PipelineStrategy(GroupStrategy):
     """Pipeline parallelism: each rank of `group` runs a contiguous run of the model's layers.
 
     Args:
@@ -67,14 +67,6 @@ class PipelineStrategy(Strategy):
         self._last: Dict[str, float] = {}
 
     # ---- who am I
-    @property
-    def rank(self) -> int:
-        return self._group.rank if self._group is not None else dtrain.rank()
-
-    @property
-    def world_size(self) -> int:
-        return self._group.size if self._group is not None else dtrain.world_size()
-
     @property
     def is_main(self) -> bool:
         """True on the last stage, where the loss is computed."""
@@ -203,14 +195,8 @@ class PipelineStrategy(Strategy):
                 out["peak_saved_bytes"] = st.meter.peak
         return out
 
-    # ---- everything else the base offers
-    def barrier(self) -> None:
-        dtrain.barrier(group=self._group)
-
-    def _reduce_scalars(self, values: torch.Tensor) -> torch.Tensor:
-        # stages see the same batch: the average across stages is each stage's own value
-        return dtrain.allreduce(values, group=self._group)
-
+    # ---- everything else the base offers (reduce_metrics averages over the stages, which
+    # see the same batch: each stage's own value when it is one they share, such as the loss)
     def distribute(self, data, batch_size: Optional[int] = None, shuffle: Optional[bool] = None,
                    seed: int = 0, drop_last: bool = False, **loader_kwargs):
         """The same batches on every stage (stage 0 needs the inputs, the last stage the targets).

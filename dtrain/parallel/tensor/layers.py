@@ -27,6 +27,14 @@ from dtrain.parallel.tensor.mappings import (bounds, copy_to_region, gather_from
                                              reduce_from_region, scatter_to_region)
 
 
+def _cut(cls, layer: nn.Module, *how) -> nn.Module:
+    """A `cls` holding this rank's copy of `layer`'s slice, without building a layer of its own."""
+    self = cls.__new__(cls)
+    nn.Module.__init__(self)
+    self._take(layer, *how)
+    return self
+
+
 def _share(n: int, group, what: str):
     size = group_size(group)
     if n < size:
@@ -57,10 +65,7 @@ class ColumnParallelLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, gather_output: bool = True, group=None) -> "ColumnParallelLinear":
         """This rank's slice of an existing nn.Linear (copied; `linear` is left as it is)."""
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self._take(linear, gather_output, group)
-        return self
+        return _cut(cls, linear, gather_output, group)
 
     def _take(self, full: nn.Linear, gather_output: bool, group) -> None:
         self.in_features, self.out_features = full.in_features, full.out_features
@@ -101,10 +106,7 @@ class RowParallelLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, input_is_parallel: bool = False, group=None) -> "RowParallelLinear":
         """This rank's slice of an existing nn.Linear (copied; `linear` is left as it is)."""
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self._take(linear, input_is_parallel, group)
-        return self
+        return _cut(cls, linear, input_is_parallel, group)
 
     def _take(self, full: nn.Linear, input_is_parallel: bool, group) -> None:
         self.in_features, self.out_features = full.in_features, full.out_features
@@ -147,10 +149,7 @@ class VocabParallelEmbedding(nn.Module):
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, group=None) -> "VocabParallelEmbedding":
         """This rank's rows of an existing nn.Embedding (copied)."""
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self._take(embedding, group)
-        return self
+        return _cut(cls, embedding, group)
 
     def _take(self, full: nn.Embedding, group) -> None:
         if full.max_norm is not None or full.sparse:
