@@ -152,7 +152,9 @@ PYBIND11_MODULE(_C, m) {
            py::arg("timeout") = py::none(), Release(),
            "Waits up to `timeout` seconds (None: until done). Returns False if the call is still "
            "running; raises the call's error if it failed.")
-      .def("is_completed", &Work::completed, "True once the call has finished (or failed).");
+      .def("is_completed", &Work::completed, "True once the call has finished (or failed).")
+      .def_property_readonly("times", [](Work& w) { return std::make_pair(w.startedAt(), w.finishedAt()); },
+                             "(started, finished) on the progress thread, in time.monotonic() seconds; 0 until then.");
 
   py::class_<World, std::shared_ptr<World>>(m, "World", "The world's connections and progress thread")
       .def(py::init([](int rank, int size, const std::string& addr, int port, const std::string& token,
@@ -211,6 +213,8 @@ PYBIND11_MODULE(_C, m) {
                     [](PyGroup& g, const std::string& h) { g.group->setHierarchy(parseHierarchy(h)); },
                     "How allreduce crosses hosts: 'auto' or 'hierarchical' (hierarchical where the layout "
                     "allows it) or 'flat' (one ring). Default from DTRAIN_HIERARCHICAL.")
+      .def("entered", [](PyGroup& g) { return g.group->entered(); },
+           "The call number each member last entered here (-1: not visible from this host).")
       .def_property_readonly("hierarchical_layout", [](PyGroup& g) { return g.group->hierarchicalLayout(); },
                              "True when members sit on 2+ hosts with the same number (2+) on each.")
       .def("allreduce", [](PyGroup& g, Ptr buf, uint64_t n, DType dt, RedOp op, DType wire, bool async) {

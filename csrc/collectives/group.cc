@@ -172,6 +172,16 @@ void Group::enter(Collective& c) {
     mesh_->board().enter(mesh_->rank(), id_, gslot_, c.desc.seq);
 }
 
+std::vector<int64_t> Group::entered() const {
+  std::vector<int64_t> out(size(), -1);
+  if (!mesh_->board().valid()) return out;
+  for (int g = 0; g < size(); ++g) {
+    int r = globalRank(g);
+    if (mesh_->isLocal(r)) out[g] = mesh_->board().lastEntered(r, id_, gslot_);
+  }
+  return out;
+}
+
 namespace {
 
 // Where each unfinished stream stands, for whoever debugs a stall.

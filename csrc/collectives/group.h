@@ -68,6 +68,11 @@ class Group {
                 DType dt);
   void barrier();
 
+  // The call number each member last entered in this group, in group-rank order; -1 where this
+  // host cannot see it (a remote rank, or no shared board). A stall inspector compares them
+  // with this rank's own entry to name who has not arrived.
+  std::vector<int64_t> entered() const;
+
   // ---- used by the engine ----
   Pair* pair(int groupRank) const { return mesh_->pair(ranks_[groupRank]); }
   uint64_t spinLimit() const { return spinLimit_ ? spinLimit_ : mesh_->spinLimit(); }

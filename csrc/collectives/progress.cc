@@ -7,11 +7,16 @@ namespace dtrain {
 std::atomic<int> Work::waiters_{0};
 namespace {
 thread_local bool tlsProgressThread = false;
+
+double monotonicNow() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
+}  // namespace
 
 bool Work::onProgressThread() { return tlsProgressThread; }
 
 void Work::finish(std::exception_ptr err) {
+  finished_.store(monotonicNow(), std::memory_order_release);
   std::lock_guard<std::mutex> g(mu_);
   done_ = true;
   err_ = err;
@@ -87,6 +92,7 @@ void Executor::loop() {
     busy_ = true;
     g.unlock();
     std::exception_ptr err;
+    item.second->started_.store(monotonicNow(), std::memory_order_release);
     try {
       item.first();
     } catch (...) {

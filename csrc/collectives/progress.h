@@ -21,6 +21,10 @@ class Work {
   // running; rethrows the call's error if it failed.
   bool wait(double timeout);
   bool completed();
+  // When the progress thread started and finished the call, in seconds of the monotonic
+  // clock (CLOCK_MONOTONIC, Python's time.monotonic()); 0 until then.
+  double startedAt() const { return started_.load(std::memory_order_acquire); }
+  double finishedAt() const { return finished_.load(std::memory_order_acquire); }
 
   // How many threads of this process are blocked in wait() right now. The progress
   // thread spins for data only while someone waits on it; a call that nobody waits
@@ -37,6 +41,7 @@ class Work {
   std::condition_variable cv_;
   bool done_ = false;
   std::exception_ptr err_;
+  std::atomic<double> started_{0.0}, finished_{0.0};
   static std::atomic<int> waiters_;
 };
 

@@ -41,6 +41,7 @@ import torch
 
 import dtrain
 from dtrain import ops
+from dtrain import timeline as tl
 from dtrain.comm.group import resolve
 from dtrain.errors import ConfigError
 from dtrain.parallel import checkpoint
@@ -74,6 +75,7 @@ class _Bucket:
         self.amax: Optional[float] = None  # largest |reduced sum| last step, for the fp16 scale
         self.wire: Optional[str] = None  # what this step's launch sent
         self.residual: Optional[torch.Tensor] = None
+        self.launched = 0.0  # when this step's allreduce was queued (timeline clock)
 
     @property
     def buf(self) -> torch.Tensor:
@@ -97,8 +99,17 @@ class _Reducer:
     """Buckets, hooks and the per-backward state machine of AllReduceStrategy."""
 
     def __init__(self, params: List[torch.nn.Parameter], group, bucket_bytes: int, compression: Optional[str],
-                 error_feedback: bool, average: bool):
+                 error_feedback: bool, average: bool, names: Optional[List[str]] = None,
+                 timeline: Optional[tl.Timeline] = None):
         self.params = params
+        self.names = names or [f"param{i}" for i in range(len(params))]
+        self.timeline = timeline
+        self.stall_s = tl.stall_seconds()
+        # Cumulative seconds and bytes (stats()): gradient copies into buckets, the progress
+        # thread's transfers, backward's end blocked on them, copies back out; bytes this rank
+        # sent (ring allreduce: 2(n-1)/n of each bucket's wire bytes).
+        self.totals = {"pack_s": 0.0, "comm_s": 0.0, "blocked_s": 0.0, "unpack_s": 0.0, "wire_bytes": 0.0}
+        self.backward_start: Optional[float] = None
         self.group = group
         self.world = group.size if group is not None else dtrain.world_size()
         self.bucket_bytes = bucket_bytes
@@ -177,7 +188,14 @@ class _Reducer:
         if p.grad is not None and p.grad.is_sparse:
             raise ConfigError("sparse gradients are not supported by AllReduceStrategy: use dense "
                               "embeddings (sparse=False)")
+        t0 = tl.now()
+        if self.backward_start is None:
+            self.backward_start = t0
         self._stage(b, j, p.grad)
+        t1 = tl.now()
+        self.totals["pack_s"] += t1 - t0
+        if self.timeline is not None and b.inplace is None:
+            self.timeline.span("pack", "reduce", t0, t1, args={"param": self.names[i], "bucket": bi})
         b.pending -= 1
         self._launch_ready()
 
@@ -216,6 +234,9 @@ class _Reducer:
         if wire == "fp16" and not b.amax:
             wire = None  # first step (or an all-zero bucket): learn the scale from an exact reduction
         b.wire = wire
+        b.launched = tl.now()
+        wire_size = 2 if wire is not None else torch.empty(0, dtype=b.dtype).element_size()
+        self.totals["wire_bytes"] += b.numel * wire_size * 2.0 * (self.world - 1) / self.world
         if wire is not None:
             b.scale = 1.0
             if wire == "fp16" and b.amax > 0:
@@ -265,9 +286,14 @@ class _Reducer:
         self._launch_ready()
         used = torch.tensor(list(self._used), dtype=torch.uint8)
         used_work = dtrain.allreduce(used, op="max", group=self.group, async_op=True)
-        for b in self.buckets:
-            b.work.wait()
+        t_end = tl.now()  # backward's end: what follows is communication nobody overlapped
+        native_group = resolve(self.group)
+        for bi, b in enumerate(self.buckets):
+            tl.wait(b.work, lambda bi=bi: self._describe_bucket(bi), native_group, self.stall_s)
         used_work.wait()
+        t_synced = tl.now()
+        self.totals["blocked_s"] += t_synced - t_end
+        self._account(t_end, t_synced)
         used = used.tolist()
         for b in self.buckets:
             if b.inplace is not None:
@@ -288,10 +314,40 @@ class _Reducer:
                     torch.mul(src, factor, out=p.grad)
                 else:
                     p.grad.copy_(src)
+        t_out = tl.now()
+        self.totals["unpack_s"] += t_out - t_synced
+        if self.timeline is not None:
+            if self.backward_start is not None:
+                self.timeline.span("backward", "step", self.backward_start, t_end)
+            self.timeline.span("wait for reduction", "reduce", t_end, t_synced)
+            self.timeline.span("unpack", "reduce", t_synced, t_out, args={"buckets": len(self.buckets)})
+        self.backward_start = None
         self.steps += 1
         self.state = "done"
         if not self.rebuilt:
             self._rebuild()
+
+    def _describe_bucket(self, bi: int) -> str:
+        b = self.buckets[bi]
+        names = [self.names[i] for i in b.params]
+        shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+        return (f"gradient bucket {bi} of {len(self.buckets)} ({shown}; {b.numel} {str(b.dtype)[6:]} elements) "
+                f"of reduction #{self.steps + 1}")
+
+    def _account(self, t_end: float, t_synced: float) -> None:
+        """Each bucket's transfer as the progress thread ran it, into the totals and the timeline."""
+        for bi, b in enumerate(self.buckets):
+            native = getattr(b.work, "_native", None)
+            started, finished = getattr(native, "times", (0.0, 0.0))
+            if not started:  # run inline (a synchronous backend): known only to lie in the wait
+                started, finished = b.launched, t_synced
+            self.totals["comm_s"] += finished - started
+            if self.timeline is not None:
+                self.timeline.span(f"allreduce bucket {bi}", "reduce", started, finished, row="comm",
+                                   args={"params": len(b.params), "elements": b.numel,
+                                         "wire": b.wire or str(b.dtype)[6:],
+                                         "queued_ms": round((started - b.launched) * 1e3, 3),
+                                         "in_place": b.inplace is not None})
 
     def _unpack_all(self, b: _Bucket, used: List[int], factor: float) -> bool:
         """The whole bucket back into its gradients in one fused pass (cast-free unpack with
@@ -417,6 +473,8 @@ class AllReduceStrategy(GroupStrategy):
             "torch" (through torch.distributed's gloo).
         group: a dtrain.Group to reduce over (for example the data-parallel replicas of
             a 2-D layout); None is the whole world.
+        timeline: path of a Chrome trace of every phase and bucket on every rank, written by
+            rank 0 at dtrain.shutdown() (default: DTRAIN_TIMELINE, if set). See dtrain.timeline.
 
     Example (``dtrain-run -n 2 train.py``)::
 
@@ -429,7 +487,8 @@ class AllReduceStrategy(GroupStrategy):
     """
 
     def __init__(self, compression: Optional[str] = None, bucket_mb: float = 25, error_feedback: bool = False,
-                 average: bool = True, backend: Optional[str] = None, group: Optional["dtrain.Group"] = None):
+                 average: bool = True, backend: Optional[str] = None, group: Optional["dtrain.Group"] = None,
+                 timeline: Optional[str] = None):
         super().__init__(group)
         if compression not in (None, "none", "fp16", "bf16"):
             raise ConfigError(f"compression must be None, 'fp16' or 'bf16', got {compression!r}")
@@ -446,6 +505,7 @@ class AllReduceStrategy(GroupStrategy):
             dtrain.init(backend=backend)
         self.reducer: Optional[_Reducer] = None
         self.wire: Optional[str] = None  # what gradients travel as, once prepared
+        self.timeline = tl.from_env(timeline, group)
 
     def prepare(self, model, optimizer=None):
         """Makes every rank start identical and hooks gradient reduction. Returns (model, optimizer),
@@ -458,19 +518,45 @@ class AllReduceStrategy(GroupStrategy):
         _OWNERS[model] = self
         if optimizer is not None:
             self._broadcast_optimizer(optimizer)
-        params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # tied weights appear once
+        params = [p for _, p in named]
+        if self.timeline is not None:
+            self._trace_phases(model, optimizer)
         if self.world_size > 1 and params:
             # On a group that shares one host's memory the native backend sends float32 whatever
             # is asked (halving bytes there saves less than converting costs), so the reducer does
             # not round either: the result is the exact one. DTRAIN_SHM_COMPRESSION=1 forces the wire.
             self.wire = self.compression if resolve(self._group).compress_wire else None
             self.reducer = _Reducer(params, self._group, self.bucket_bytes, self.wire,
-                                    self.error_feedback, self.average)
+                                    self.error_feedback, self.average, names=[n for n, _ in named],
+                                    timeline=self.timeline)
             if optimizer is not None:
                 reducer = self.reducer
                 optimizer.register_step_pre_hook(lambda *a: reducer.before_step())
                 optimizer.register_step_post_hook(lambda *a: reducer.after_step())
         return model, optimizer
+
+    def _trace_phases(self, model: torch.nn.Module, optimizer) -> None:
+        """Forward and optimizer spans on the timeline (backward and buckets come from the reducer)."""
+        t = self.timeline
+        mark = {}
+        model.register_forward_pre_hook(lambda *a: mark.__setitem__("fwd", tl.now()))
+        model.register_forward_hook(lambda *a: t.span("forward", "step", mark.pop("fwd", tl.now()), tl.now()))
+        if optimizer is not None:
+            optimizer.register_step_pre_hook(lambda *a: mark.__setitem__("opt", tl.now()))
+            optimizer.register_step_post_hook(
+                lambda *a: t.span("optimizer step", "step", mark.pop("opt", tl.now()), tl.now()))
+
+    def stats(self) -> Dict[str, float]:
+        """Where reduction time went since prepare(), summed over steps: ``steps``; ``pack_s``
+        (gradients copied into buckets during backward); ``comm_s`` (the progress thread's
+        transfers, overlapped or not); ``blocked_s`` (backward's end waiting for them: the exposed
+        communication); ``unpack_s`` (reduced gradients copied back); ``wire_bytes`` (bytes this
+        rank sent, ring algorithm: 2(n-1)/n of each bucket). Zeros on one rank."""
+        r = self.reducer
+        out = {"steps": r.steps if r else 0}
+        out.update(r.totals if r else {k: 0.0 for k in ("pack_s", "comm_s", "blocked_s", "unpack_s", "wire_bytes")})
+        return out
 
     def _broadcast_module(self, model: torch.nn.Module) -> None:
         if self.world_size == 1:
