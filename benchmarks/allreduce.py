@@ -224,7 +224,6 @@ def run_peer(kind, ranks, sizes, quick, log):
 
 def run_on_testbed(cluster, kind, ranks, sizes, quick, log):
     """Seconds per call by size for one peer with its ranks spread over the test bed's hosts."""
-    import secrets
     import tempfile
     if kind == "mpi":
         return mpi_on_testbed(cluster, ranks, sizes, quick, log)
@@ -232,36 +231,13 @@ def run_on_testbed(cluster, kind, ranks, sizes, quick, log):
         return None, "the link peer measures one pair of hosts (2 ranks)"
     name = ",".join(kind) if isinstance(kind, tuple) else kind
     log(f"  {name}: {ranks} ranks on {len(cluster.hosts)} hosts ...")
-    per_host = -(-ranks // len(cluster.hosts))
-    master = cluster.hosts[0].addr
-    port = 20000 + secrets.randbelow(20000)
-    token = secrets.token_hex(16)
     with tempfile.TemporaryDirectory(prefix="dtrain-bench-") as tmp:
         out = os.path.join(tmp, "rank0.json")
-        procs = []
-        for r in range(ranks):
-            h = r // per_host
-            env = {k: v for k, v in os.environ.items() if k != "DTRAIN_STORE_FD"}
-            env.update(DTRAIN_RANK=str(r), DTRAIN_WORLD_SIZE=str(ranks), DTRAIN_LOCAL_RANK=str(r % per_host),
-                       DTRAIN_LOCAL_SIZE=str(min(per_host, ranks - h * per_host)), DTRAIN_MASTER_ADDR=master,
-                       DTRAIN_MASTER_PORT=str(port), DTRAIN_JOB_TOKEN=token,
-                       DTRAIN_HOST_ID=cluster.hosts[h].netns, GLOO_SOCKET_IFNAME=cluster.hosts[h].ifname,
-                       PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")]))
-            cmd = [sys.executable, os.path.abspath(__file__), "--ns-worker", name, "--ns-out", out,
-                   "--sizes", ",".join(map(str, sizes))] + (["--quick"] if quick else [])
-            err = open(os.path.join(tmp, f"rank{r}.err"), "w")
-            procs.append((cluster.popen(h, cmd, env=env, stdout=err, stderr=subprocess.STDOUT), err))
-        failed = []
-        for r, (p, err) in enumerate(procs):
-            try:
-                rc = p.wait(timeout=1800)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                rc = "timeout"
-            err.close()
-            if rc != 0:
-                with open(err.name) as f:
-                    failed.append(f"rank {r} exited {rc}: {f.read().strip()[-400:]}")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+        cmd = [sys.executable, os.path.abspath(__file__), "--ns-worker", name, "--ns-out", out,
+               "--sizes", ",".join(map(str, sizes))] + (["--quick"] if quick else [])
+        done = cluster.launch(cmd, ranks, env=env, timeout=1800)
+        failed = [f"rank {r} exited {rc}: {text.strip()[-400:]}" for r, (rc, text) in enumerate(done) if rc != 0]
         if failed:
             return None, "; ".join(failed)
         with open(out) as f:

@@ -21,7 +21,8 @@ BENCHMARKS = {  # name -> (script, what it measures)
     "allreduce": ("allreduce.py", "allreduce bandwidth: dtrain fp32/fp16/bf16 against gloo and Open MPI"),
     "input": ("input_pipeline.py", "TFRecord reading: dtrain against tf.data and the tfrecord package"),
     "fused": ("fused_ops.py", "fused optimizers, tensor fusion and fused norms against torch"),
-    "scaling": ("scaling.py", "training steps on 1-2 ranks: dtrain against DDP (gloo) and plain processes"),
+    "scaling": ("scaling.py", "training steps on 1, 2, 4 ranks and the 2-host test bed: every strategy against DDP"),
+    "predict": ("predict.py", "alpha-beta model of large clusters, fitted and checked here"),
     "ps": ("ps_straggler.py", "parameter server against AllReduce with a straggler"),
     "pipeline": ("pipeline.py", "pipeline bubble and memory, tensor-parallel MLP against unsplit"),
 }

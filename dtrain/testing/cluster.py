@@ -28,8 +28,9 @@ import shutil
 import signal
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from dtrain.errors import DtrainError
 
@@ -202,6 +203,42 @@ class Cluster:
         kw.setdefault("capture_output", True)
         kw.setdefault("text", True)
         return subprocess.run(self.hosts[host].wrap(argv), timeout=timeout, **kw)
+
+    def launch(self, argv: Sequence[str], ranks: int, env: Optional[dict] = None, timeout: float = 1800,
+               log_dir: Optional[str] = None) -> List[Tuple[int, str]]:
+        """Runs `argv` as a dtrain job of `ranks` ranks spread evenly over the hosts (rank r on
+        host r // ceil(ranks/hosts)), each with the environment dtrain-run would give it and
+        GLOO_SOCKET_IFNAME set for torch.distributed. Returns every rank's (exit code, output);
+        a rank still running after `timeout` seconds is killed (exit code -9)."""
+        import secrets
+        import tempfile
+        per_host = -(-ranks // len(self.hosts))
+        port = 20000 + secrets.randbelow(20000)
+        token = secrets.token_hex(16)
+        out: List[Tuple[int, str]] = []
+        with tempfile.TemporaryDirectory(prefix="dtrain-testbed-", dir=log_dir) as tmp:
+            procs = []
+            for r in range(ranks):
+                h = r // per_host
+                e = {k: v for k, v in (env if env is not None else os.environ).items() if k != "DTRAIN_STORE_FD"}
+                e.update(DTRAIN_RANK=str(r), DTRAIN_WORLD_SIZE=str(ranks), DTRAIN_LOCAL_RANK=str(r % per_host),
+                         DTRAIN_LOCAL_SIZE=str(min(per_host, ranks - h * per_host)),
+                         DTRAIN_MASTER_ADDR=self.hosts[0].addr, DTRAIN_MASTER_PORT=str(port),
+                         DTRAIN_JOB_TOKEN=token, DTRAIN_HOST_ID=self.hosts[h].netns,
+                         GLOO_SOCKET_IFNAME=self.hosts[h].ifname)
+                log = open(os.path.join(tmp, f"rank{r}.log"), "w")
+                procs.append((self.popen(h, list(argv), env=e, stdout=log, stderr=subprocess.STDOUT), log))
+            deadline = time.monotonic() + timeout
+            for p, log in procs:
+                try:
+                    rc = p.wait(timeout=max(1.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    rc = p.wait()
+                log.close()
+                with open(log.name) as f:
+                    out.append((rc, f.read()))
+        return out
 
     def __repr__(self) -> str:
         return (f"Cluster({len(self.hosts)} hosts {', '.join(h.addr for h in self.hosts)}, "
