@@ -48,7 +48,7 @@ PEERS = {  # name -> what it is
     "pipeline": "dtrain PipelineStrategy, n stages, 2n micro-batches, 1F1B",
     "ddp-gloo": "torch DistributedDataParallel over gloo",
 }
-TESTBED_PEERS = ["allreduce", "allreduce-fp16", "allreduce-bf16", "ddp-gloo"]
+TESTBED_PEERS = ["no-comm", "allreduce", "allreduce-fp16", "allreduce-bf16", "ddp-gloo"]
 LINKS = ["10gbit", "1gbit"]
 _KEEP = []
 
@@ -193,6 +193,11 @@ def ns_worker(arg):
     res = worker(spec["peer"], spec["model"], spec["steps"], spec["warmup"])
     with open(os.path.join(spec["out"], f"rank{os.environ['DTRAIN_RANK']}.json"), "w") as f:
         json.dump(res, f)
+    # The result is written; skip interpreter teardown, where torch 2.13's DDP/gloo can abort
+    # ("terminate called without an active exception") as the local launcher's kill never lets it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # ---------------------------------------------------------------- one job
@@ -290,9 +295,10 @@ def table(results, names, place_rows, cores):
             peer, place, ranks = key.split("@")
             ranks = int(ranks)
             gloo = rows.get(f"ddp-gloo@{place}@{ranks}", {}).get("samples_per_s")
-            nocomm = rows.get(f"no-comm@local@{ranks}", {}).get("sec_per_step")
+            # compute at the same placement: a test-bed host's no-comm (namespaces cost a little)
+            nocomm = (rows.get(f"no-comm@{place}@{ranks}") or rows.get(f"no-comm@local@{ranks}", {})).get("sec_per_step")
             eff = r["samples_per_s"] / (ranks * base) if base else None
-            vs = r["samples_per_s"] / gloo if gloo and ranks > 1 and peer not in ("no-comm",) else None
+            vs = r["samples_per_s"] / gloo if gloo and ranks > 1 and peer != "no-comm" else None
             compute, comm, exposed, how, sent, src = split(r, peer, nocomm, nparams, ranks)
             r.update({"efficiency": eff, "vs_ddp_gloo": vs, "compute_s": compute, "exposed_s": exposed,
                       "exposed_from": how, "bytes_sent_per_step": sent, "bytes_from": src})
@@ -501,7 +507,7 @@ def main(argv=None):
              "PyTorch process). compute + exposed = the step; comm is the time collectives were in flight on "
              "dtrain's progress thread (overlapped or not); exposed is measured by dtrain itself (backward's end "
              "blocked on reductions), by the pipeline's idle time, or for the others as the step minus no-comm's at "
-             "the same rank count. Bytes: the test bed's interface counter where there is one, else the "
+             "the same rank count and placement. Bytes: the test bed's interface counter where there is one, else the "
              "algorithm's count. On one host dtrain's ranks share memory and send float32 whatever compression "
              "asks (converting costs more than it saves there), so fp16/bf16 equal fp32 locally.", ""]
     lines += ["### One host", ""] + table(results, names, lambda rows: [k for k in rows if k.split("@")[1] == "local"],

@@ -49,12 +49,13 @@ def test_ring_formulas():
 
 def test_step_model_hides_reduction_behind_compute_but_not_the_last_bucket():
     ab = (10e-6, 1e9)
-    small = predict.step_s(1e6, 1.0, 2, 1, ab, ab, "fp32", False)
+    small = predict.step_s(1e6, 1.0, 2, 1, ab, ab, "fp32", False, overlap=0.5)
     last = predict.allreduce_s(4e6, 2, 1, ab, ab, False)
     assert small[0] == pytest.approx(1.0 + last)  # all of it is the last bucket
-    big = predict.step_s(1e9, 0.1, 2, 1, ab, ab, "fp32", False)
+    big = predict.step_s(1e9, 0.1, 2, 1, ab, ab, "fp32", False, overlap=0.5)
     assert big[0] == pytest.approx(0.1 + big[1] - 0.05)
-    fp16 = predict.step_s(1e9, 0.1, 2, 1, ab, ab, "fp16", False)
+    assert predict.step_s(1e9, 0.1, 2, 1, ab, ab, "fp32", False)[0] == pytest.approx(0.1 + big[1])  # no overlap
+    fp16 = predict.step_s(1e9, 0.1, 2, 1, ab, ab, "fp16", False, overlap=0.5)
     assert fp16[1] == pytest.approx(big[1] / 2, rel=1e-3)
     assert predict.step_s(1e9, 0.1, 1, 1, ab, ab, "fp32", False)[0] == 0.1
 
