@@ -14,12 +14,15 @@ G devices takes 2(G-1) steps of N/G bytes, each as slow as the slowest link it c
       T = 2[(L-1) alpha_i + (L-1)/L * N / beta_i] + 2(M-1) alpha_x + 2(M-1)/M * N / beta_x
 A training step overlaps gradient reduction with backward, except the last bucket:
       step = S + max(T(N) - f * S, T(min(N, bucket)))
-with S the one-device step time and f the share of it reduction can hide behind, and
+with S the one-device step time (here: n plain processes at the same placement) and f the share of it reduction can hide behind, and
 efficiency = S / step (weak scaling: the per-device batch is fixed). f defaults to 0, the
 conservative bound. It is also what this machine measures: its ranks fill its cores, so
 communication's host work (kernel TCP, copies, fp16 conversion) competes with compute instead
 of hiding behind it. A GPU cluster, where NCCL and the NIC move bytes while the GPU computes,
 hides more (up to about the backward pass, 2/3 of a step): try --overlap 0.5.
+Checked here, a compressed wire also costs the CPU reducer's passes over the float32
+gradients (copy in and out; fp16 adds its scale and max-abs), at the memory stream rate of
+one thread, measured when predict runs; on GPUs those passes take microseconds.
 
 alpha and beta per link type are fitted (least relative squares) to dtrain's fp32 allreduce
 times: shared memory from benchmarks/results/allreduce.json, the test bed's 10 and 1 Gbit/s
@@ -136,6 +139,30 @@ def step_s(params, step, gpus, per_node, intra, inter, wire, hierarchical, overl
 # ---------------------------------------------------------------- checking against this machine
 
 
+def host_stream_Bps() -> float:
+    """Bytes per second one thread of this machine streams through memory (read + write of a
+    64 MiB float32 copy), what the reducer's CPU passes over gradients move at."""
+    import time
+
+    import torch
+    torch.set_num_threads(1)
+    src = torch.randn(16 << 20)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = math.inf
+    for _ in range(5):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / best
+
+
+# Streams over the float32 gradient the CPU reducer makes for a compressed wire: copy into the
+# bucket (read + write), copy back out (read + write); fp16 adds the scale (read + write) and
+# the max-abs for the next scale (read).
+HOST_STREAMS = {"allreduce-bf16": 4, "allreduce-fp16": 7}
+
+
 def validate(links, scaling_path, overlap):
     """Predicted vs measured step time for every dtrain AllReduce point in scaling.json."""
     if not os.path.exists(scaling_path):
@@ -143,6 +170,7 @@ def validate(links, scaling_path, overlap):
     with open(scaling_path) as f:
         sc = json.load(f)
     rows = []
+    stream = None
     for model, res in sc["results"].items():
         params = sc["params"][model]
         for key, r in res.items():
@@ -165,9 +193,14 @@ def validate(links, scaling_path, overlap):
                 continue
             ab = (links[link]["alpha_s"], links[link]["beta_Bps"])
             pred, t_ar, exposed = step_s(params, nocomm["sec_per_step"], n, per_node, ab, ab, wire, False, overlap)
+            host = 0.0
+            if place != "local" and peer in HOST_STREAMS:  # one host never compresses: nothing to add
+                stream = stream or host_stream_Bps()
+                host = HOST_STREAMS[peer] * params * 4 / stream
+            pred += host
             meas = r["sec_per_step"]
             rows.append({"model": model, "peer": peer, "place": place, "ranks": n, "compute_s": nocomm["sec_per_step"],
-                         "allreduce_s": t_ar, "predicted_s": pred, "measured_s": meas,
+                         "allreduce_s": t_ar, "host_s": host, "predicted_s": pred, "measured_s": meas,
                          "error": pred / meas - 1.0, "oversubscribed": n > sc.get("cores", n)})
     return rows, None
 
@@ -247,11 +280,12 @@ def main(argv=None):
     if why:
         lines.append(why)
     else:
-        lines += ["| model | peer | placement | ranks | compute ms (no-comm) | allreduce ms | predicted ms | "
-                  "measured ms | error |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| model | peer | placement | ranks | compute ms (no-comm) | allreduce ms | host passes ms | "
+                  "predicted ms | measured ms | error |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             lines.append(f"| {r['model'].split()[0]} | {r['peer']} | {r['place']} | {r['ranks']} | "
-                         f"{r['compute_s'] * 1e3:.1f} | {r['allreduce_s'] * 1e3:.1f} | {r['predicted_s'] * 1e3:.1f} | "
+                         f"{r['compute_s'] * 1e3:.1f} | {r['allreduce_s'] * 1e3:.1f} | {r['host_s'] * 1e3:.1f} | "
+                         f"{r['predicted_s'] * 1e3:.1f} | "
                          f"{r['measured_s'] * 1e3:.1f} | {r['error']:+.0%}{' *' if r['oversubscribed'] else ''} |")
         fair = [r for r in rows if not r["oversubscribed"]]
         worst = max((abs(r["error"]) for r in fair), default=None)

@@ -68,6 +68,8 @@ def test_testbed_bytes_come_from_the_link_and_fp16_halves_them(tmp_path):
     assert params * 4 <= fp32["bytes_sent_per_step"] < params * 4 * 1.15
     # the first step goes in float32 to learn the scale; the timed ones in fp16
     assert params * 2 <= fp16["bytes_sent_per_step"] < params * 2 * 1.2
-    assert rows["ddp-gloo@1gbit@2"]["bytes_sent_per_step"] >= params * 4
+    # gloo's ring moves about the same bytes (measured: 0.2% under the gradient's, its small
+    # buckets take another algorithm)
+    assert params * 4 * 0.9 <= rows["ddp-gloo@1gbit@2"]["bytes_sent_per_step"] < params * 4 * 1.2
     assert "2 hosts, 1gbit" in md
     assert (tmp_path / "scaling-testbed.png").exists()
