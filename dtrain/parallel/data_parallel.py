@@ -82,6 +82,7 @@ class _Bucket:
         self.wire: Optional[str] = None  # what this step's launch sent
         self.residual: Optional[torch.Tensor] = None
         self.launched = 0.0  # when this step's allreduce was queued (timeline clock)
+        self.pack_scale = 1.0  # the fp16 scale, applied while gradients are copied in (no pass of its own)
 
     @property
     def buf(self) -> torch.Tensor:
@@ -97,6 +98,8 @@ class _Bucket:
         """Parameter j's gradient into the buffer; zeros for a parameter without one."""
         if grad is None:
             self.slot(j).zero_()
+        elif self.pack_scale != 1.0:
+            torch.mul(grad.detach().reshape(-1), self.pack_scale, out=self.slot(j))
         else:
             self.slot(j).copy_(grad.detach().reshape(-1))
 
@@ -223,6 +226,9 @@ class _Reducer:
         for b in self.buckets:
             b.pending = len(b.params)
             b.work = None
+            # Without error feedback, fp16 gradients are scaled as they are copied in.
+            prescale = self.compression == "fp16" and not self.error_feedback and b.dtype == torch.float32
+            b.pack_scale = self._fp16_scale(b) if prescale and b.amax else 1.0
         self._next = 0
 
     def _begin(self) -> None:
@@ -244,10 +250,7 @@ class _Reducer:
         wire_size = 2 if wire is not None else torch.empty(0, dtype=b.dtype).element_size()
         self.totals["wire_bytes"] += b.numel * wire_size * 2.0 * (self.world - 1) / self.world
         if wire is not None:
-            b.scale = 1.0
-            if wire == "fp16" and b.amax > 0:
-                b.scale = 2.0 ** math.floor(math.log2(_SUM_TARGET / b.amax))
-                b.scale = min(max(b.scale, 2.0 ** -60), 2.0 ** 60)
+            b.scale = self._fp16_scale(b) if wire == "fp16" and b.amax > 0 else 1.0
             if self.error_feedback:
                 if b.residual is None:
                     b.residual = torch.zeros_like(b.buf)
@@ -259,8 +262,8 @@ class _Reducer:
                 if b.scale != 1.0:
                     b.residual.div_(b.scale)
                 b.buf.copy_(q)
-            elif b.scale != 1.0:
-                b.buf.mul_(b.scale)
+            elif b.scale != b.pack_scale:
+                b.buf.mul_(b.scale / b.pack_scale)  # not applied while packing (or another scale was)
         if self._solo(b):
             # Every rank makes the same call whether its gradient is reduced in place or (absent,
             # or not contiguous) from the bucket: the collective averages, nothing scales after.
@@ -271,6 +274,12 @@ class _Reducer:
                                       async_op=True)
             return
         b.work = dtrain.allreduce(b.buf, compression=wire, group=self.group, async_op=True)
+
+    @staticmethod
+    def _fp16_scale(b: _Bucket) -> float:
+        """The power of two that puts this bucket's largest reduced value (last step's) near 2**13."""
+        scale = 2.0 ** math.floor(math.log2(_SUM_TARGET / b.amax))
+        return min(max(scale, 2.0 ** -60), 2.0 ** 60)
 
     def _solo(self, b: _Bucket) -> bool:
         """A bucket of one parameter, sent uncompressed: reduced in .grad when it can be."""
@@ -388,6 +397,7 @@ class _Reducer:
                 # shrank so far that they sat among fp16's subnormals: redo this bucket exactly. Every
                 # rank decides alike, since the reduced result, inf included, is bitwise the same.
                 self.fp32_redos += 1
+                b.pack_scale = 1.0  # the redo sends the gradients as they are
                 self._repack(b)
                 if b.residual is not None:
                     b.residual.zero_()  # the redo is exact: nothing of this step is left to feed back
