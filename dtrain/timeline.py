@@ -23,9 +23,8 @@ import os
 import time
 from typing import Callable, Dict, List, Optional
 
-import torch
-
 import dtrain
+from dtrain.comm.api import allgather_bytes, register_before_shutdown
 from dtrain.errors import ConfigError
 
 log = logging.getLogger("dtrain")
@@ -115,16 +114,9 @@ class Timeline:
         self.events.append(ev)
 
     def _gather(self) -> List[List[dict]]:
-        mine = torch.frombuffer(bytearray(json.dumps(self.events).encode()), dtype=torch.uint8)
         if not dtrain.is_initialized() or dtrain.world_size() == 1:
             return [self.events]
-        sizes = dtrain.allgather(torch.tensor([mine.numel()], dtype=torch.int64), group=self.group).tolist()
-        flat = dtrain.allgather(mine, group=self.group)
-        out, off = [], 0
-        for n in sizes:
-            out.append(json.loads(flat[off: off + n].numpy().tobytes()))
-            off += n
-        return out
+        return [json.loads(b) for b in allgather_bytes(json.dumps(self.events).encode(), group=self.group)]
 
     def close_alone(self) -> Optional[str]:
         """At exit without dtrain.shutdown(): the other ranks may be gone, so each rank writes its
@@ -174,7 +166,6 @@ def from_env(explicit: Optional[str], group=None) -> Optional[Timeline]:
     path = explicit if explicit is not None else os.environ.get("DTRAIN_TIMELINE") or None
     if not path:
         return None
-    from dtrain.comm.api import register_before_shutdown
     tl = Timeline(path, group)
     register_before_shutdown(tl.close)
     atexit.register(tl.close_alone)

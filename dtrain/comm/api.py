@@ -271,6 +271,19 @@ def allgather(t: torch.Tensor, group: Optional[Group] = None) -> torch.Tensor:
     return out if t.device.type == "cpu" else out.to(t.device)
 
 
+def allgather_bytes(payload: bytes, group: Optional[Group] = None) -> List[bytes]:
+    """Every rank's `payload` (any length, 0 included), in rank order: for pickles, JSON and
+    other records that ranks gather without tensors of their own."""
+    mine = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else torch.empty(0, dtype=torch.uint8)
+    sizes = allgather(torch.tensor([mine.numel()], dtype=torch.int64), group=group).tolist()
+    flat = allgather(mine, group=group)
+    out, off = [], 0
+    for n in sizes:
+        out.append(flat[off: off + n].numpy().tobytes())
+        off += n
+    return out
+
+
 def reduce_scatter(t: torch.Tensor, op: str = "sum", group: Optional[Group] = None,
                    compression: Optional[str] = None) -> torch.Tensor:
     """Reduces `t` across ranks and returns block `rank` of dim 0 (dim 0 must divide by the size).

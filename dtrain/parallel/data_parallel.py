@@ -42,6 +42,7 @@ import torch
 import dtrain
 from dtrain import ops
 from dtrain import timeline as tl
+from dtrain.comm.api import allgather_bytes
 from dtrain.comm.group import resolve
 from dtrain.errors import ConfigError
 from dtrain.parallel import checkpoint
@@ -73,6 +74,7 @@ class _Bucket:
         self.sizes = sizes
         self.numel = off
         self.dtype = dtype
+        self.elsize = torch.empty(0, dtype=dtype).element_size()
         self._buf: Optional[torch.Tensor] = None  # allocated on first use: a solo bucket may never need it
         self.inplace: Optional[torch.Tensor] = None  # this step's solo gradient, reduced where it lies
         self.pending = len(params)
@@ -175,7 +177,7 @@ class _Reducer:
 
     def describe(self) -> List[dict]:
         return [{"params": len(b.params), "numel": b.numel, "dtype": str(b.dtype).replace("torch.", ""),
-                 "bytes": b.numel * torch.empty(0, dtype=b.dtype).element_size()} for b in self.buckets]
+                 "bytes": b.numel * b.elsize} for b in self.buckets]
 
     # ---- per backward
     def _on_grad(self, i: int, p: torch.nn.Parameter) -> None:
@@ -247,7 +249,7 @@ class _Reducer:
             wire = None  # first step (or an all-zero bucket): learn the scale from an exact reduction
         b.wire = wire
         b.launched = tl.now()
-        wire_size = 2 if wire is not None else torch.empty(0, dtype=b.dtype).element_size()
+        wire_size = 2 if wire is not None else b.elsize
         self.totals["wire_bytes"] += b.numel * wire_size * 2.0 * (self.world - 1) / self.world
         if wire is not None:
             b.scale = self._fp16_scale(b) if wire == "fp16" and b.amax > 0 else 1.0
@@ -626,14 +628,7 @@ class AllReduceStrategy(GroupStrategy):
         mine = checkpoint.rng_state()
         if self.world_size == 1:
             return [mine]
-        payload = torch.frombuffer(bytearray(checkpoint.serialize(mine)), dtype=torch.uint8)
-        sizes = dtrain.allgather(torch.tensor([payload.numel()], dtype=torch.int64), group=self._group).tolist()
-        flat = dtrain.allgather(payload, group=self._group)
-        out, off = [], 0
-        for n in sizes:
-            out.append(checkpoint.deserialize(flat[off: off + n].numpy().tobytes()))
-            off += n
-        return out
+        return [checkpoint.deserialize(b) for b in allgather_bytes(checkpoint.serialize(mine), group=self._group)]
 
 
 __all__ = ["AllReduceStrategy"]

@@ -66,15 +66,21 @@ def test_stats_split_and_bytes(world, tmp_path):
         assert stats["unpack_s"] > 0
 
 
-@pytest.mark.timeout(120)
-def test_stall_warning_names_the_late_rank_and_tensors(tmp_path):
-    body = """
+def late_rank_1(tmp_path, steps, sleep_s, stall_s):
+    """2 ranks of traced_steps with rank 1 sleeping before its last backward; returns stderr."""
+    body = f"""
         from tests.multiproc import timeline_workers as tw
         if __name__ == "__main__":
-            tw.traced_steps(None, 3, None, 25, sleep_rank=1, sleep_s=3.0)
+            tw.traced_steps(None, {steps}, None, 25, sleep_rank=1, sleep_s={sleep_s})
     """
-    rc, out, err, _ = script(tmp_path, body, 2, env={"DTRAIN_STALL_WARNING_S": "1"})
+    rc, out, err, _ = script(tmp_path, body, 2, env={"DTRAIN_STALL_WARNING_S": str(stall_s)})
     assert rc == 0, err
+    return err
+
+
+@pytest.mark.timeout(120)
+def test_stall_warning_names_the_late_rank_and_tensors(tmp_path):
+    err = late_rank_1(tmp_path, 3, 3.0, 1)
     lines = [l for l in err.splitlines() if "stall:" in l]
     assert lines, err
     first = lines[0]
@@ -85,14 +91,7 @@ def test_stall_warning_names_the_late_rank_and_tensors(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_no_stall_warning_when_off(tmp_path):
-    body = """
-        from tests.multiproc import timeline_workers as tw
-        if __name__ == "__main__":
-            tw.traced_steps(None, 2, None, 25, sleep_rank=1, sleep_s=1.5)
-    """
-    rc, out, err, _ = script(tmp_path, body, 2, env={"DTRAIN_STALL_WARNING_S": "0"})
-    assert rc == 0, err
-    assert "stall:" not in err
+    assert "stall:" not in late_rank_1(tmp_path, 2, 1.5, 0)
 
 
 @pytest.mark.timeout(120)
