@@ -89,7 +89,7 @@ class Timeline:
     Times are time.monotonic() seconds; each rank's are shifted by the moment all ranks left
     the barrier in the constructor, so ranks on different hosts line up."""
 
-    def __init__(self, path: str, group: Optional["dtrain.Group"] = None):
+    def __init__(self, path: str, group: Optional["dtrain.Group"] = None, collective: bool = True):
         if not isinstance(path, (str, os.PathLike)) or not str(path):
             raise ConfigError(f"timeline must be a file path for the Chrome trace, got {path!r}")
         self.path = os.fspath(path)
@@ -99,8 +99,8 @@ class Timeline:
             raise ConfigError(f"timeline={self.path!r}: folder {parent!r} does not exist; create it or "
                               "choose another path")
         self.rank = dtrain.rank() if dtrain.is_initialized() else 0
-        if dtrain.is_initialized() and dtrain.world_size() > 1:
-            dtrain.barrier(group=group)
+        if collective and dtrain.is_initialized() and dtrain.world_size() > 1:
+            dtrain.barrier(group=group)  # the ranks' clocks line up at its end
         self.origin = now()
         self.events: List[dict] = []
         self.closed = False

@@ -40,8 +40,9 @@ def parser() -> argparse.ArgumentParser:
         prog="dtrain-run", description="Run a training script on N processes with dtrain's env contract.",
         epilog="Every output line is prefixed with its rank. When one rank fails, the others are stopped "
                "within seconds and the launcher exits with that rank's status.")
-    p.add_argument("-n", "--np", "--nproc", "--nproc-per-node", dest="nprocs", type=int, default=1,
-                   help="number of processes this launcher starts (per node with --nnodes; default 1)")
+    p.add_argument("-n", "-np", "--np", "--nproc", "--nproc-per-node", dest="nprocs", type=int, default=None,
+                   help="number of processes this launcher starts (per node with --nnodes; default 1); with "
+                        "-H/--hostfile, the job's total, filling the hosts' slots in order (as horovodrun -np)")
     p.add_argument("-m", dest="module", help="run a module, as python -m does")
     p.add_argument("--no-prefix", action="store_true", help="do not prefix output lines with the rank")
     p.add_argument("--timeout", type=float, default=None, help="stop the job after this many seconds")
@@ -79,12 +80,23 @@ def parser() -> argparse.ArgumentParser:
                    help="which mpirun this is (default: from mpirun --version)")
     m.add_argument("--mpirun", default=None, help="the mpirun to use (default: mpirun on PATH)")
     m.add_argument("--dry-run", action="store_true", help="with --mpi: print the mpirun command line and exit")
+    k = p.add_argument_group("horovodrun's flags", "horovodrun -np 4 -H a:2,b:2 python train.py runs as "
+                             "dtrain-run -np 4 -H a:2,b:2 python train.py")
+    k.add_argument("--timeline-filename", default=None, metavar="PATH",
+                   help="hvd.start_timeline at init on rank 0 (sets HOROVOD_TIMELINE)")
+    k.add_argument("--gloo", action="store_true", help="accepted (dtrain's native backend plays Gloo's part)")
+    k.add_argument("-p", "--ssh-port", type=int, default=None, help="ssh port of the other hosts")
     p.add_argument("command", nargs=argparse.REMAINDER, help="script.py [args] | command [args]")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parser().parse_args(argv)
+    if args.timeline_filename:
+        os.environ["HOROVOD_TIMELINE"] = args.timeline_filename  # the ranks' environment is copied from ours
+    given = args.nprocs_given = args.nprocs
+    if args.nprocs is None:
+        args.nprocs = 1
     if args.nprocs < 1:
         raise SystemExit(f"dtrain-run: -n must be at least 1, got {args.nprocs}")
     if args.network_interface:
@@ -99,7 +111,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.dry_run:
         raise SystemExit("dtrain-run: --dry-run goes with --mpi (it prints the mpirun command line)")
     if args.hosts or args.hostfile:
-        return _many_hosts(args)
+        return _many_hosts(args, given)
     node = None
     if args.nnodes != 1 or args.node_rank != 0 or args.master_addr is not None:
         node = Node(args.nnodes, args.node_rank, args.master_addr or "", args.master_port, args.first_rank,
@@ -170,7 +182,7 @@ def _under_mpirun(args: argparse.Namespace) -> int:
         if args.hosts or args.hostfile:
             from dtrain.launch import hosts as H
             listed = H.parse_hosts(args.hosts) if args.hosts else H.parse_hostfile(args.hostfile)
-            if n == 1:
+            if args.nprocs_given is None:
                 n = sum(s for _, s in listed)  # as mpirun: every slot, unless -n says otherwise
         cmd = mpi.command(flavor, exe, n, build_command(args), hosts=hosts, hostfile=args.hostfile,
                           forward=args.forward, remote_shell=args.remote_shell, interface=args.network_interface)
@@ -199,18 +211,17 @@ def _on_ray(args: argparse.Namespace) -> int:
     sys.exit(0)
 
 
-def _many_hosts(args: argparse.Namespace) -> int:
-    """-H / --hostfile: a node launcher on every host, started through the remote shell."""
+def _many_hosts(args: argparse.Namespace, total: Optional[int]) -> int:
+    """-H / --hostfile: a node launcher on every host, started through the remote shell; `total`
+    (-np) takes the first that many slots, host by host, as horovodrun does."""
     from dtrain.launch import hosts as H
     if args.hosts and args.hostfile:
         raise SystemExit("dtrain-run: give -H or --hostfile, not both")
     if args.nnodes != 1 or args.node_rank != 0:
         raise SystemExit("dtrain-run: -H/--hostfile start every node themselves; drop --nnodes/--node-rank")
-    if args.nprocs != 1:
-        raise SystemExit(f"dtrain-run: -n {args.nprocs} with -H/--hostfile: the ranks per host are its slots "
-                         "(host:4, or slots=4 in the hostfile); drop -n")
     try:
         hosts = H.parse_hosts(args.hosts) if args.hosts else H.parse_hostfile(args.hostfile)
+        hosts = H.take_slots(hosts, total)
     except DtrainError as e:
         raise SystemExit(f"dtrain-run: {e}") from None
     command = build_command(args)
@@ -219,10 +230,16 @@ def _many_hosts(args: argparse.Namespace) -> int:
 
     def attempt(k: int):
         argvs = H.node_commands(hosts, command, args.master_addr or hosts[0][0], args.master_port, token,
-                                args.remote_shell or "ssh -o BatchMode=yes", extra, args.forward, restart=k)
+                                _remote_shell(args), extra, args.forward, restart=k)
         return H.HostsJob(argvs, hosts, grace=args.grace)
 
     sys.exit(_with_restarts(args, attempt, "every host"))
+
+
+def _remote_shell(args: argparse.Namespace) -> str:
+    if args.remote_shell:
+        return args.remote_shell
+    return "ssh -o BatchMode=yes" + (f" -p {args.ssh_port}" if args.ssh_port else "")
 
 
 if __name__ == "__main__":

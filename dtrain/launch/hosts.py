@@ -21,7 +21,7 @@ import sys
 import threading
 from typing import List, Optional, Sequence, Tuple
 
-from dtrain.errors import DtrainError
+from dtrain.errors import ConfigError, DtrainError
 from dtrain.launch.local import describe_exit, exit_status, stop_sessions, wait_for_exit, watch
 
 Hosts = List[Tuple[str, int]]
@@ -86,6 +86,25 @@ def _no_repeats(hosts: Hosts, what: str) -> None:
         if h in seen:
             raise DtrainError(f"{what} names host {h} twice: give it once, with all its slots")
         seen.add(h)
+
+
+def take_slots(hosts: Hosts, total: Optional[int]) -> Hosts:
+    """The first `total` slots of `hosts`, host by host (horovodrun -np N -H ...); all of them
+    when total is None. Hosts left without a slot are dropped."""
+    have = sum(n for _, n in hosts)
+    if total is None:
+        return hosts
+    if not 1 <= total <= have:
+        raise ConfigError(f"-np {total} with hosts {','.join(f'{h}:{n}' for h, n in hosts)}: they offer {have} "
+                          f"slot(s), so -np must be 1..{have}; add slots (host:N) or lower -np")
+    out: Hosts = []
+    left = total
+    for h, n in hosts:
+        if left <= 0:
+            break
+        out.append((h, min(n, left)))
+        left -= min(n, left)
+    return out
 
 
 def node_commands(hosts: Hosts, command: Sequence[str], master_addr: str, master_port: int, token: str,

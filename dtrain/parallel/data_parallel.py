@@ -133,6 +133,14 @@ class _Reducer:
         self.steps = 0  # finished reductions
         self.fp32_redos = 0  # fp16 buckets that overflowed and were redone in float32
         self.inplace_reductions = 0  # solo buckets reduced in .grad itself (no bucket copy)
+        # Horovod's DistributedOptimizer (dtrain.horovod) drives the reducer with these:
+        self.passes_per_step = 1  # backward passes whose gradients accumulate before one reduction
+        self._pass = 0
+        self._skipping = False  # inside a backward pass that only accumulates
+        self.one_reduction_per_step = False  # a backward after a reduction, before step(), is an error
+        self.densify = False  # sparse gradients are reduced dense instead of refused
+        self.active = True  # False while this rank has joined (hvd.join): it sends zeros, flagged so
+        self.others_active = True  # whether any rank was still training in the last reduction
         self._order: List[int] = []
         self._ready = [False] * len(params)
         self._used = bytearray(len(params))  # 1: a gradient came this step (a tensor write per hook costs ~10 us)
@@ -181,9 +189,19 @@ class _Reducer:
 
     # ---- per backward
     def _on_grad(self, i: int, p: torch.nn.Parameter) -> None:
-        if not self.enabled:
+        if not self.enabled or self._skipping:
             return
         if self.state != "running":
+            if self.state == "done" and self.one_reduction_per_step:
+                raise AssertionError(
+                    "Gradients were computed more than backward_passes_per_step times before call to step(). "
+                    "Increase backward_passes_per_step to accumulate gradients locally.")
+            self._pass += 1
+            if self._pass < self.passes_per_step:
+                self._skipping = True  # this pass only accumulates into .grad
+                torch.autograd.Variable._execution_engine.queue_callback(self._end_skip)
+                return
+            self._pass = 0
             self._begin()
         if self._ready[i]:
             raise ConfigError(
@@ -196,6 +214,8 @@ class _Reducer:
             self._order.append(i)
         bi, j = self.where[i]
         b = self.buckets[bi]
+        if p.grad is not None and p.grad.is_sparse and self.densify:
+            p.grad = p.grad.to_dense()
         if p.grad is not None and p.grad.is_sparse:
             raise ConfigError("sparse gradients are not supported by AllReduceStrategy: use dense "
                               "embeddings (sparse=False)")
@@ -232,6 +252,9 @@ class _Reducer:
             prescale = self.compression == "fp16" and not self.error_feedback and b.dtype == torch.float32
             b.pack_scale = self._fp16_scale(b) if prescale and b.amax else 1.0
         self._next = 0
+
+    def _end_skip(self) -> None:
+        self._skipping = False
 
     def _begin(self) -> None:
         self._reset()
@@ -295,13 +318,15 @@ class _Reducer:
                 bi, j = self.where[i]
                 b = self.buckets[bi]
                 g = self.params[i].grad if from_grads else None
+                if g is not None and g.is_sparse:
+                    g = g.to_dense()
                 self._stage(b, j, g)
                 if g is not None:
                     self._used[i] = 1
                 self._ready[i] = True
                 b.pending -= 1
         self._launch_ready()
-        used = torch.tensor(list(self._used), dtype=torch.uint8)
+        used = torch.tensor(list(self._used) + [int(self.active)], dtype=torch.uint8)
         used_work = dtrain.allreduce(used, op="max", group=self.group, async_op=True)
         t_end = tl.now()  # backward's end: what follows is communication nobody overlapped
         native_group = resolve(self.group)
@@ -312,6 +337,7 @@ class _Reducer:
         self.totals["blocked_s"] += t_synced - t_end
         self._account(t_end, t_synced)
         used = used.tolist()
+        self.others_active = bool(used[-1])
         for b in self.buckets:
             if b.inplace is not None:
                 b.inplace = None  # reduced (and averaged) in .grad itself
@@ -454,6 +480,7 @@ class _Reducer:
         # under no_sync with no synced backward after them were never sent: reduce .grad as it
         # stands now, so no rank is left waiting.
         if self.enabled and self.state == "idle":
+            self._pass = 0
             self._reset()
             self._finish(from_grads=True)
 
