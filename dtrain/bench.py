@@ -23,6 +23,7 @@ BENCHMARKS = {  # name -> (script, what it measures)
     "fused": ("fused_ops.py", "fused optimizers, tensor fusion and fused norms against torch"),
     "scaling": ("scaling.py", "training steps on 1, 2, 4 ranks and the 2-host test bed: every strategy against DDP"),
     "predict": ("predict.py", "alpha-beta model of large clusters, fitted and checked here"),
+    "horovod": ("horovod.py", "dtrain.horovod against Horovod's figures: latency, busbw, fp16 speed and accuracy, training"),
     "ps": ("ps_straggler.py", "parameter server against AllReduce with a straggler"),
     "pipeline": ("pipeline.py", "pipeline bubble and memory, tensor-parallel MLP against unsplit"),
 }

@@ -217,14 +217,19 @@ PYBIND11_MODULE(_C, m) {
            "The call number each member last entered here (-1: not visible from this host).")
       .def_property_readonly("hierarchical_layout", [](PyGroup& g) { return g.group->hierarchicalLayout(); },
                              "True when members sit on 2+ hosts with the same number (2+) on each.")
-      .def("allreduce", [](PyGroup& g, Ptr buf, uint64_t n, DType dt, RedOp op, DType wire, bool async) {
+      .def("allreduce", [](PyGroup& g, Ptr buf, uint64_t n, DType dt, RedOp op, DType wire, bool async,
+                           uint64_t tag) {
              Group* G = g.group.get();
-             return g.dispatch(async, [=] { G->allreduce(P(buf), n, dt, op, wire); });
-           }, "In-place allreduce of `n` elements at `buf`; `wire` != dtype compresses.")
-      .def("broadcast", [](PyGroup& g, Ptr buf, uint64_t n, DType dt, int root, bool async) {
+             return g.dispatch(async, [=] { CallTag t(tag); G->allreduce(P(buf), n, dt, op, wire); });
+           }, "In-place allreduce of `n` elements at `buf`; `wire` != dtype compresses; `tag` (shape_tag) "
+              "must match on every rank.",
+           py::arg("buf"), py::arg("n"), py::arg("dtype"), py::arg("op"), py::arg("wire"), py::arg("async_op"),
+           py::arg("tag") = 0)
+      .def("broadcast", [](PyGroup& g, Ptr buf, uint64_t n, DType dt, int root, bool async, uint64_t tag) {
              Group* G = g.group.get();
-             return g.dispatch(async, [=] { G->broadcast(P(buf), n, dt, root); });
-           }, "In-place broadcast from group rank `root`.")
+             return g.dispatch(async, [=] { CallTag t(tag); G->broadcast(P(buf), n, dt, root); });
+           }, "In-place broadcast from group rank `root`; `tag` (shape_tag) must match on every rank.",
+           py::arg("buf"), py::arg("n"), py::arg("dtype"), py::arg("root"), py::arg("async_op"), py::arg("tag") = 0)
       .def("allgather", [](PyGroup& g, Ptr in, Ptr out, std::vector<uint64_t> counts, DType dt, bool async) {
              Group* G = g.group.get();
              return g.dispatch(async, [=] { G->allgather(P(in), P(out), counts, dt); });
@@ -263,6 +268,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("hosts") = std::vector<int>{}, py::arg("hierarchy") = "auto", Release(),
         "Runs one collective on `world` threads over the in-process loopback transport (unit tests). "
         "small_bytes=0 forces the ring allreduce; hosts[r] places rank r on a host (default: one each).");
+  m.def("shape_tag", [](const std::vector<int64_t>& shape) { return shapeTag(shape); },
+        "A tensor shape as the 64-bit check collectives compare across ranks (tag=).");
+  m.def("describe_shape_tag", &describeShapeTag, "How errors name a shape_tag.");
   m.def("ring_segments", [](uint64_t count, int n) {
           std::vector<std::pair<uint64_t, uint64_t>> out;
           for (int s = 0; s < n; ++s) out.emplace_back(ringSegStart(count, n, s), ringSegCount(count, n, s));

@@ -28,9 +28,49 @@ const char* kindName(Kind k) {
   return "?";
 }
 
+namespace {
+thread_local uint64_t tlsCallTag = 0;
+}  // namespace
+
+CallTag::CallTag(uint64_t tag) : prev_(tlsCallTag) { tlsCallTag = tag; }
+CallTag::~CallTag() { tlsCallTag = prev_; }
+uint64_t CallTag::current() { return tlsCallTag; }
+
+uint64_t shapeTag(const std::vector<int64_t>& shape) {
+  constexpr int64_t kDimLimit = int64_t(1) << 15;
+  bool exact = shape.size() <= 4;
+  for (int64_t d : shape) exact = exact && d >= 0 && d < kDimLimit;
+  if (exact) {
+    uint64_t tag = uint64_t(shape.size() + 1) << 60;
+    for (size_t i = 0; i < shape.size(); ++i) tag |= uint64_t(shape[i]) << (15 * i);
+    return tag;
+  }
+  uint64_t h = 1469598103934665603ull;  // FNV-1a over ndim and the dims
+  auto mix = [&h](uint64_t v) {
+    for (int b = 0; b < 8; ++b) h = (h ^ ((v >> (8 * b)) & 0xff)) * 1099511628211ull;
+  };
+  mix(shape.size());
+  for (int64_t d : shape) mix(static_cast<uint64_t>(d));
+  return h | (uint64_t(1) << 63);
+}
+
+std::string describeShapeTag(uint64_t tag) {
+  std::ostringstream os;
+  if (tag >> 63) {
+    os << "shape #" << std::hex << (tag & ~(uint64_t(1) << 63));
+    return os.str();
+  }
+  size_t ndim = static_cast<size_t>(tag >> 60) - 1;
+  os << "shape (";
+  for (size_t i = 0; i < ndim; ++i) os << (i ? ", " : "") << ((tag >> (15 * i)) & 0x7fff);
+  os << (ndim == 1 ? ",)" : ")");
+  return os.str();
+}
+
 std::string describeCall(const Descriptor& d) {
   std::ostringstream os;
   os << kindName(d.kind) << "(count=" << d.count << ", dtype=" << dtypeName(d.dtype);
+  if (d.tag) os << ", " << describeShapeTag(d.tag);
   if (d.kind == Kind::kAllreduce || d.kind == Kind::kReduceScatter) os << ", op=" << redOpName(d.op);
   if (d.wire != d.dtype) os << ", compression=" << (d.wire == DType::kFloat16 ? "fp16" : "bf16");
   if (d.kind == Kind::kBroadcast) os << ", root=" << d.root;
@@ -149,7 +189,7 @@ class InDrainer : public Drainer {
                  " where a call descriptor should be (magic ", std::hex, b.magic,
                  "): the stream is out of step, usually after an earlier error on that rank");
     bool same = a.kind == b.kind && a.dtype == b.dtype && a.wire == b.wire && a.op == b.op &&
-                a.group == b.group && a.root == b.root && a.seq == b.seq &&
+                a.group == b.group && a.root == b.root && a.seq == b.seq && a.tag == b.tag &&
                 (!c_.countMustMatch || a.count == b.count);
     DTRAIN_CHECK(same, kComm, "mismatched calls in group ", g_.name(), ": rank ", g_.globalRank(g_.rank()),
                  " called ", describeCall(a), " but rank ", peerRank, " called ", describeCall(b),

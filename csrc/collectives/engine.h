@@ -1,7 +1,7 @@
 // The progress loop every collective runs on.
 //
 // A collective is a set of legs: byte streams to (outs) or from (ins) one peer.
-// Each stream starts with a 32-byte Descriptor that says what the sender is
+// Each stream starts with a 40-byte Descriptor that says what the sender is
 // doing, so mismatched calls are caught before any payload is applied, and is
 // padded to 8 bytes so the next stream starts aligned. The engine offers each
 // unfinished leg a chunk at a time, round-robin, without blocking: the algorithm
@@ -37,8 +37,27 @@ struct Descriptor {
   int32_t root;
   uint64_t seq;
   uint64_t count;  // elements; for variable-size ops, what this leg carries
+  uint64_t tag;    // the caller's shape check (shapeTag), 0 when it gave none; must match too
 };
-static_assert(sizeof(Descriptor) == 32, "the descriptor is 32 bytes on the wire");
+static_assert(sizeof(Descriptor) == 40, "the descriptor is 40 bytes on the wire");
+
+// A tensor shape as 64 bits, so ranks that pass the same element count in different shapes
+// are caught: up to 4 dims below 2^15 are stored exactly (and named back in errors), others
+// hashed (top bit set). Never 0, which means "no shape given".
+uint64_t shapeTag(const std::vector<int64_t>& shape);
+std::string describeShapeTag(uint64_t tag);
+
+// The tag the calls made on this thread carry while one is alive (the bindings set it around
+// a call, on whichever thread runs it).
+class CallTag {
+ public:
+  explicit CallTag(uint64_t tag);
+  ~CallTag();
+  static uint64_t current();
+
+ private:
+  uint64_t prev_;
+};
 constexpr uint32_t kDescriptorMagic = 0x4c435444;  // "DTCL"
 
 struct Leg {

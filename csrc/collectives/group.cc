@@ -154,6 +154,7 @@ Descriptor Group::begin(Kind kind, DType dt, uint64_t count, RedOp op, DType wir
   d.root = root;
   d.seq = collective ? ++seq_ : 0;
   d.count = count;
+  d.tag = CallTag::current();
   return d;
 }
 

@@ -138,6 +138,7 @@ class _Job:
 
     initialized = False
     started_dtrain = False
+    left_a_job = False  # hvd.shutdown() left a multi-rank job: it cannot be joined again
     cross_rank = 0
     cross_size = 1
     homogeneous = True
@@ -165,6 +166,10 @@ def init(comm=None, process_sets=None) -> None:
     if _Job.initialized:
         return
     if not dtrain.is_initialized():
+        if _Job.left_a_job:
+            raise NotSupported("hvd.init() after hvd.shutdown() in a multi-rank job: the launcher's rendezvous "
+                               "is spent; dtrain.horovod joins a job once per process (Horovod's elastic "
+                               "re-init is not provided)")
         dtrain.init()
         _Job.started_dtrain = True
     n, me = dtrain.world_size(), dtrain.rank()
@@ -198,6 +203,7 @@ def shutdown() -> None:
     _Job.sets = {}
     _Job.initialized = False
     if _Job.started_dtrain:
+        _Job.left_a_job = dtrain.world_size() > 1
         dtrain.shutdown()
         _Job.started_dtrain = False
 
@@ -215,7 +221,7 @@ def add_process_set(process_set) -> ProcessSet:
     n = dtrain.world_size()
     bad = [r for r in ps.ranks if not 0 <= r < n]
     if bad or not ps.ranks:
-        raise ConfigError(f"ProcessSet ranks {ps.ranks} must be a non-empty list of ranks 0..{n - 1}")
+        raise ConfigError(f"ProcessSet ranks {ps.ranks} are out of range or empty: this job has ranks 0..{n - 1}")
     for other in _Job.sets.values():
         if other is not global_process_set and other.ranks == ps.ranks:
             raise ConfigError(f"a process set with ranks {ps.ranks} exists already ({other!r})")

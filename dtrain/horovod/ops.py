@@ -173,9 +173,15 @@ def _reduce_plan(op: ReduceOp, dtype: torch.dtype, n: int):
     return _NATIVE_OP[op], None
 
 
+def _tagged(g, shape) -> dict:
+    """The shape check native groups compare across ranks (other backends take none)."""
+    return {"tag": _C.shape_tag(list(shape))} if type(g) is _C.Group else {}
+
+
 def _start_allreduce(buf: torch.Tensor, op: ReduceOp, prescale: float, postscale: float, wire_name, group,
-                     async_op: bool):
-    """Reduces `buf` (contiguous CPU, native dtype) in place; returns (native work or None, after)."""
+                     async_op: bool, shape=None):
+    """Reduces `buf` (contiguous CPU, native dtype) in place; returns (native work or None, after).
+    `shape` (default buf's) is checked against every rank's."""
     g = resolve(group)
     native_op, fix = _reduce_plan(op, buf.dtype, g.size)
     if prescale != 1.0:
@@ -191,7 +197,8 @@ def _start_allreduce(buf: torch.Tensor, op: ReduceOp, prescale: float, postscale
         if postscale != 1.0:
             buf.mul_(postscale)
 
-    work = g.allreduce(buf.data_ptr(), buf.numel(), dt, native_op, wire, async_op)
+    work = g.allreduce(buf.data_ptr(), buf.numel(), dt, native_op, wire, async_op,
+                       **_tagged(g, buf.shape if shape is None else shape))
     return work, after
 
 
@@ -204,7 +211,7 @@ def _allreduce_into(out: torch.Tensor, op, prescale, postscale, wire_name, group
     span = timeline.open_span(what, name, out)
     if not async_op:
         def run():
-            _, after = _start_allreduce(buf, op, prescale, postscale, wire_name, group, False)
+            _, after = _start_allreduce(buf, op, prescale, postscale, wire_name, group, False, out.shape)
             after()
             if back is not None:
                 back()
@@ -212,7 +219,8 @@ def _allreduce_into(out: torch.Tensor, op, prescale, postscale, wire_name, group
         done = _run(what, name, run)
         timeline.close_span(span)
         return done
-    work, after = _run(what, name, lambda: _start_allreduce(buf, op, prescale, postscale, wire_name, group, True))
+    work, after = _run(what, name, lambda: _start_allreduce(buf, op, prescale, postscale, wire_name, group, True,
+                                                            out.shape))
 
     def finish():
         after()
@@ -327,8 +335,9 @@ def _grouped_start(tensors: Sequence[torch.Tensor], op, prescale, postscale, wir
             native_dtype(tensors[idx[0]], what)
         flat = torch.cat([tensors[i].detach().reshape(-1).to("cpu", dtype) for i in idx]) if idx else \
             torch.empty(0, dtype=dtype)
+        sig = [x for i in idx for x in (tensors[i].dim(), *tensors[i].shape)]  # every shape, checked across ranks
         work, after = _run(what, name, lambda: _start_allreduce(flat, op, prescale, postscale, wire, group,
-                                                                async_op))
+                                                                async_op, sig))
         works.append(work)
         keep.append(flat)
 
@@ -527,11 +536,33 @@ def _broadcast_into(out: torch.Tensor, root: int, process_set, name, async_op: b
             back()
         return result
 
+    _agree_on_root(g, root, out, what, name)
     work = _run(what, name, lambda: g.broadcast(view.data_ptr(), view.numel(), DTYPES[view.dtype], root, async_op))
     if not async_op:
         timeline.close_span(span)
         return finish()
     return _register(_Pending([work], finish, name, keep=(buf, view, out), span=span))
+
+
+def _agree_on_root(g, root: int, t: torch.Tensor, what: str, name) -> None:
+    """Every rank checks that all passed the same root, shape and dtype (one small allreduce):
+    in a broadcast only non-roots receive, so two ranks that each think they are the root would
+    otherwise both finish. Raises HorovodInternalError on every rank alike; the job goes on."""
+    if g.size == 1:
+        return
+    tag = _C.shape_tag(list(t.shape)) ^ (_CODES.index(t.dtype) if t.dtype in _CODES else 99)
+    tag = tag - (1 << 64) if tag >= 1 << 63 else tag  # as an int64
+    mine = torch.tensor([root, -root, tag, -tag], dtype=torch.int64)
+    agg = mine.clone()
+    _run(what, name, lambda: g.allreduce(agg.data_ptr(), 4, _C.DType.int64, _C.RedOp.max, _C.DType.int64, False))
+    label = f"{what} {name!r}" if name else what
+    if agg[0] != -agg[1]:
+        raise HorovodInternalError(f"{label}: mismatched broadcast root ranks: ranks passed roots from {-int(agg[1])} "
+                                   f"to {int(agg[0])} (this rank: {root}); every rank must pass the same root_rank")
+    if agg[2] != -agg[3]:
+        raise HorovodInternalError(f"{label}: mismatched broadcast tensors: this rank passed "
+                                   f"{str(t.dtype)[6:]} of shape {tuple(t.shape)}, another rank a different shape "
+                                   "or dtype; every rank must pass the same shape and dtype")
 
 
 class _BroadcastFn(torch.autograd.Function):
