@@ -17,7 +17,7 @@ Parts (2 ranks):
   * test bed (two network-namespace hosts on a 10 Gbit/s link): hvd.allreduce fp32 vs fp16;
   * training (one host): the 25M-parameter MLP of benchmarks/scaling.py, SGD, under
     hvd.DistributedOptimizer and AllReduceStrategy (rounds alternate);
-  * accuracy: fp16 compression of 2 and 3 ranks' gradients, error against float64.
+  * accuracy: fp16 compression of 2, 3 and 4 ranks' gradients, error against float64.
 Writes horovod.json, horovod.md and horovod.png.
 """
 
@@ -248,9 +248,13 @@ def targets(res) -> list:
     out.append(f"training step under hvd.DistributedOptimizer {h * 1e3:.1f} ms vs AllReduceStrategy {s * 1e3:.1f} ms: "
                f"{s / h:.3f}x (target >= 0.95x): {'met' if s / h >= 0.95 else 'MISSED'}")
     for a in res["accuracy"]:
-        ok = a["dtrain"]["max_abs"] < a["horovod"]["max_abs"] and a["dtrain"]["rms"] < a["horovod"]["rms"]
-        out.append(f"fp16 error, {a['ranks']} ranks: dtrain RMS {a['dtrain']['rms']:.3g} vs Horovod's arithmetic "
-                   f"{a['horovod']['rms']:.3g} (target: smaller): {'met' if ok else 'MISSED'}")
+        # RMS: the error over all elements. The largest error is bounded alike in both by the final
+        # rounding of the result to fp16 (both return fp16 values), so it only shows a difference
+        # once Horovod's fp16 sums add up (3 ranks and more).
+        ok = a["dtrain"]["rms"] < a["horovod"]["rms"] and a["dtrain"]["max_abs"] <= a["horovod"]["max_abs"]
+        out.append(f"fp16 error, {a['ranks']} ranks: dtrain RMS {a['dtrain']['rms']:.3g} (max {a['dtrain']['max_abs']:.3g}) "
+                   f"vs Horovod's arithmetic {a['horovod']['rms']:.3g} (max {a['horovod']['max_abs']:.3g}) "
+                   f"(target: smaller RMS, max no larger): {'met' if ok else 'MISSED'}")
     return out
 
 
@@ -296,7 +300,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     from tqdm import tqdm
-    parts = ["collectives", "test bed", "training", "accuracy 2", "accuracy 3"]
+    parts = ["collectives", "test bed", "training", "accuracy 2", "accuracy 3", "accuracy 4"]
     res = {}
     bar = tqdm(parts, desc="horovod", file=sys.stderr)
     for part in bar:
