@@ -194,8 +194,8 @@ def shutdown() -> None:
     """Leaves the job (every rank calls it); hvd.init() may be called again afterwards."""
     if not _Job.initialized:
         return
-    from dtrain.horovod import ops, timeline
-    ops.forget_handles()
+    from dtrain.horovod import handles, timeline
+    handles.forget_handles()
     timeline.stop_timeline()
     for ps in list(_Job.sets.values()):
         if ps is not global_process_set:

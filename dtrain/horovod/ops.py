@@ -1,4 +1,5 @@
-"""Horovod's collectives on torch tensors, over dtrain's native ones.
+"""Horovod's collectives on torch tensors, over dtrain's native ones: the reductions here,
+allgather/broadcast/alltoall in dtrain.horovod.transfer, handles in dtrain.horovod.handles.
 
 Each call runs the native collective directly: a synchronous allreduce of 4 KiB is one
 native call (a few microseconds on one host), not a trip through a background cycle as
@@ -9,153 +10,26 @@ may not share one (as in Horovod).
 
 from __future__ import annotations
 
-import itertools
-import math
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from dtrain import _C
 from dtrain.comm.group import resolve
 from dtrain.comm.tensors import DTYPES, native_dtype
-from dtrain.errors import CommError, ConfigError
+from dtrain.errors import ConfigError
 from dtrain.horovod import timeline
-from dtrain.horovod.basics import (Adasum, Average, HorovodInternalError, NotSupported, ReduceOp, Sum,
-                                   check_root, global_process_set, group_of, resolve_op, set_rank, set_size)
+from dtrain.horovod.basics import (Adasum, Average, NotSupported, ReduceOp, Sum, global_process_set, group_of,
+                                   resolve_op, set_size)
 from dtrain.horovod.compression import Compression, wire_of
+from dtrain.horovod.handles import (_WIDEN, _Pending, _claim_name, _contiguous_cpu, _register, _run,  # noqa: F401
+                                    poll, synchronize)
+from dtrain.horovod.transfer import (_allgather_sync, _start_allgather, allgather, allgather_async,  # noqa: F401
+                                     alltoall, alltoall_async, broadcast, broadcast_, broadcast_async,
+                                     broadcast_async_, grouped_allgather, grouped_allgather_async)
 
 _NATIVE_OP = {ReduceOp.Sum: _C.RedOp.sum, ReduceOp.Min: _C.RedOp.min, ReduceOp.Max: _C.RedOp.max,
               ReduceOp.Product: _C.RedOp.prod}
-_WIDEN = {torch.int8: torch.int32, torch.int16: torch.int32}  # reduced in int32, wrapped back as Horovod's would
-
-
-# ---------------------------------------------------------------- handles
-
-class _Pending:
-    """One async call: native works to wait on, and what turns them into the result."""
-
-    __slots__ = ("works", "finish", "name", "keep", "span")
-
-    def __init__(self, works, finish: Callable[[], object], name: Optional[str], keep=(), span=None):
-        self.works, self.finish, self.name, self.keep, self.span = works, finish, name, keep, span
-
-
-class _Handles:
-    """The process's outstanding async calls, by Horovod's integer handle."""
-
-    table: Dict[int, _Pending] = {}
-    names: Dict[str, int] = {}
-    counter = itertools.count(1)
-
-
-def forget_handles() -> None:
-    _Handles.table.clear()
-    _Handles.names.clear()
-
-
-def _register(p: _Pending) -> int:
-    h = next(_Handles.counter)
-    _Handles.table[h] = p
-    if p.name is not None:
-        _Handles.names[p.name] = h
-    return h
-
-
-def _claim_name(name: Optional[str], what: str) -> Optional[str]:
-    if name is None:
-        return None
-    if not isinstance(name, str):
-        raise ConfigError(f"{what}: name must be a str, got {type(name).__name__}")
-    if name in _Handles.names:
-        raise ConfigError(f"{what}: another tensor named {name!r} is still being processed (handle "
-                          f"{_Handles.names[name]}); synchronize it first, or use a different name")
-    return name
-
-
-def poll(handle: int) -> bool:
-    """True once the async call behind `handle` has finished; synchronize() then does not block."""
-    p = _Handles.table.get(handle)
-    if p is None:
-        raise ConfigError(f"poll: unknown handle {handle!r} (already synchronized, or not from this process)")
-    return all(w.is_completed() for w in p.works)
-
-
-def synchronize(handle):
-    """Waits for an async call and returns its result (a tensor, a tuple or a list of tensors).
-
-    Raises:
-        HorovodInternalError: the call failed on some rank (the message names it and why).
-    """
-    p = _Handles.table.pop(handle, None)
-    if p is None:
-        return None
-    if p.name is not None:
-        _Handles.names.pop(p.name, None)
-    try:
-        for w in p.works:
-            w.wait(None)
-        out = p.finish()
-    except CommError as e:
-        raise _internal(e, p.name) from e
-    if p.span is not None:
-        timeline.close_span(p.span)
-    return out
-
-
-def _internal(e: CommError, name: Optional[str]) -> HorovodInternalError:
-    return HorovodInternalError(f"{name}: {e}" if name else str(e))
-
-
-def _run(what: str, name: Optional[str], fn):
-    """Runs a synchronous call, turning dtrain's CommError into Horovod's HorovodInternalError."""
-    try:
-        return fn()
-    except HorovodInternalError:
-        raise
-    except CommError as e:
-        raise _internal(e, name or what) from e
-
-
-# ---------------------------------------------------------------- staging
-
-def _contiguous_cpu(t: torch.Tensor, what: str) -> Tuple[torch.Tensor, Optional[Callable[[], None]]]:
-    """A contiguous CPU tensor of a native dtype holding t, and what copies a result back into t."""
-    if not isinstance(t, torch.Tensor):
-        raise ConfigError(f"{what} takes a torch.Tensor, got {type(t).__name__}")
-    if t.is_sparse:
-        raise ConfigError(f"{what} got a sparse tensor: use hvd.sparse_allreduce_async, or t.to_dense()")
-    wide = _WIDEN.get(t.dtype)
-    if wide is None and t.dtype not in DTYPES:
-        native_dtype(t, what)  # raises, naming the dtypes that travel
-    if wide is None and t.device.type == "cpu" and t.is_contiguous():
-        return t, None
-    if t.device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"{what} got a tensor on {t.device}: move it to the CPU or a CUDA device")
-    buf = t.detach().to("cpu", dtype=wide or t.dtype, memory_format=torch.contiguous_format,
-                        copy=True).contiguous()
-    return buf, (lambda: t.data.copy_(buf))
-
-
-_CODES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int64, torch.uint8,
-          torch.int8, torch.int16, torch.bool, torch.complex64, torch.complex128]
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """t (any dtype, any device) as a contiguous CPU 2-D tensor (rows of dim 0) of a dtype the native
-    backend moves: other dtypes travel as their bytes."""
-    src = t.detach()
-    src = src.reshape(1) if src.dim() == 0 else src
-    src = src.contiguous().cpu()
-    rows = src.reshape(src.shape[0], math.prod(src.shape[1:]))
-    return rows if rows.dtype in DTYPES else rows.view(torch.uint8)
-
-
-def _unrows(rows: torch.Tensor, like: torch.Tensor, n: int) -> torch.Tensor:
-    """The inverse of _rows for `n` rows shaped like `like` (dim 0 aside)."""
-    out = rows.view(like.dtype) if rows.dtype != like.dtype else rows
-    shape = [n] + list(like.shape[1:]) if like.dim() else [n]
-    out = out.reshape(shape)
-    return out if like.device.type == "cpu" else out.to(like.device)
 
 
 # ---------------------------------------------------------------- allreduce
@@ -231,17 +105,17 @@ def _allreduce_into(out: torch.Tensor, op, prescale, postscale, wire_name, group
     return _register(_Pending([work], finish, name, keep=(buf, out) + tuple(keep), span=span))
 
 
-def _checks(tensor, op, average, process_set, what):
-    op = resolve_op(op, average)
+def _checks(op, average, process_set):
+    """Horovod's op (from op= or the deprecated average=), after checking the process set."""
     group_of(process_set)  # raises for an unregistered set
-    return op
+    return resolve_op(op, average)
 
 
 def allreduce_async(tensor, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0,
                     process_set=global_process_set) -> int:
     """Starts an out-of-place allreduce; `synchronize(handle)` returns the result (`tensor` is
     left as it is)."""
-    op = _checks(tensor, op, average, process_set, "allreduce_async")
+    op = _checks(op, average, process_set)
     name = _claim_name(name, "allreduce_async")
     out = tensor.detach().clone(memory_format=torch.contiguous_format)
     return _allreduce_into(out, op, prescale_factor, postscale_factor, None, group_of(process_set), name, True,
@@ -251,7 +125,7 @@ def allreduce_async(tensor, average=None, name=None, op=None, prescale_factor=1.
 def allreduce_async_(tensor, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0,
                      process_set=global_process_set) -> int:
     """Starts an in-place allreduce of `tensor`; `synchronize(handle)` returns `tensor`."""
-    op = _checks(tensor, op, average, process_set, "allreduce_async_")
+    op = _checks(op, average, process_set)
     name = _claim_name(name, "allreduce_async_")
     return _allreduce_into(tensor.data if tensor.requires_grad else tensor, op, prescale_factor, postscale_factor,
                            None, group_of(process_set), name, True, "allreduce_async_", result=tensor)
@@ -260,7 +134,7 @@ def allreduce_async_(tensor, average=None, name=None, op=None, prescale_factor=1
 def allreduce_(tensor, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0,
                process_set=global_process_set):
     """Averages (or sums, ...) `tensor` across the set's ranks, in place; returns `tensor`."""
-    op = _checks(tensor, op, average, process_set, "allreduce_")
+    op = _checks(op, average, process_set)
     return _allreduce_into(tensor.data if tensor.requires_grad else tensor, op, prescale_factor, postscale_factor,
                            None, group_of(process_set), name, False, "allreduce_", result=tensor)
 
@@ -299,7 +173,7 @@ def allreduce(tensor, average=None, name=None, compression=Compression.none, op=
         hvd.allreduce(t)               # both: tensor([1.5000, 3.0000])
         hvd.allreduce(t, op=hvd.Sum)   # both: tensor([3., 6.])
     """
-    op = _checks(tensor, op, average, process_set, "allreduce")
+    op = _checks(op, average, process_set)
     wire = wire_of(compression)
     if wire is None and compression is not Compression.none:
         compressed, ctx = compression.compress(tensor)
@@ -385,7 +259,7 @@ class _GroupedAllreduceFn(torch.autograd.Function):
 def grouped_allreduce(tensors, average=None, name=None, compression=Compression.none, op=None,
                       prescale_factor=1.0, postscale_factor=1.0, process_set=global_process_set):
     """allreduce of every tensor in the list as one fused call per dtype; returns new tensors."""
-    op = _checks(None, op, average, process_set, "grouped_allreduce")
+    op = _checks(op, average, process_set)
     wire = wire_of(compression)
     if wire is None and compression is not Compression.none:
         pairs = [compression.compress(t) for t in tensors]
@@ -402,7 +276,7 @@ def grouped_allreduce(tensors, average=None, name=None, compression=Compression.
 
 def grouped_allreduce_async(tensors, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0,
                             process_set=global_process_set) -> int:
-    op = _checks(None, op, average, process_set, "grouped_allreduce_async")
+    op = _checks(op, average, process_set)
     name = _claim_name(name, "grouped_allreduce_async")
     return _grouped_start(tensors, op, prescale_factor, postscale_factor, None, process_set, name,
                           "grouped_allreduce_async", _fresh(tensors), True)
@@ -410,294 +284,17 @@ def grouped_allreduce_async(tensors, average=None, name=None, op=None, prescale_
 
 def grouped_allreduce_(tensors, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0,
                        process_set=global_process_set):
-    op = _checks(None, op, average, process_set, "grouped_allreduce_")
+    op = _checks(op, average, process_set)
     return _grouped_start(tensors, op, prescale_factor, postscale_factor, None, process_set, name,
                           "grouped_allreduce_", None, False)
 
 
 def grouped_allreduce_async_(tensors, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0,
                              process_set=global_process_set) -> int:
-    op = _checks(None, op, average, process_set, "grouped_allreduce_async_")
+    op = _checks(op, average, process_set)
     name = _claim_name(name, "grouped_allreduce_async_")
     return _grouped_start(tensors, op, prescale_factor, postscale_factor, None, process_set, name,
                           "grouped_allreduce_async_", None, True)
-
-
-# ---------------------------------------------------------------- allgather
-
-def _start_allgather(tensor: torch.Tensor, process_set, what: str, async_op: bool):
-    """Gathers along dim 0 (which may differ per rank); returns (work or None, finish, keep)."""
-    if not isinstance(tensor, torch.Tensor):
-        raise ConfigError(f"{what} takes a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.dim() > 8:
-        raise ConfigError(f"{what}: tensors of more than 8 dimensions are not supported (got {tensor.dim()})")
-    g = resolve(group_of(process_set))
-    rows = _rows(tensor)
-    dims = list(tensor.shape[1:]) if tensor.dim() else []
-    code = _CODES.index(tensor.dtype) if tensor.dtype in _CODES else 99
-    rec = torch.tensor([rows.shape[0], len(dims)] + dims + [-1] * (7 - len(dims)) + [code], dtype=torch.int64)
-    recs = torch.empty((g.size, rec.numel()), dtype=torch.int64)
-    g.allgather(rec.data_ptr(), recs.data_ptr(), [rec.numel()] * g.size, _C.DType.int64, False)
-    mine = rec.tolist()
-    for r, other in enumerate(recs.tolist()):
-        if other[1:] != mine[1:]:
-            raise HorovodInternalError(
-                f"{what}: mismatched shapes or dtypes: rank {g.ranks[g.rank]} passed {_show(mine)} but rank "
-                f"{g.ranks[r]} passed {_show(other)}; every dim but the first, and the dtype, must match")
-    counts = recs[:, 0].tolist()
-    per_row = rows.shape[1]
-    out_rows = torch.empty((sum(counts), per_row), dtype=rows.dtype)
-    work = g.allgather(rows.data_ptr(), out_rows.data_ptr(), [c * per_row for c in counts],
-                       DTYPES[rows.dtype], async_op)
-    return work, (lambda: _unrows(out_rows, tensor, sum(counts))), (rows, out_rows, rec, recs)
-
-
-def _show(rec: List[int]) -> str:
-    code, ndim = rec[-1], rec[1]
-    dtype = str(_CODES[code]).replace("torch.", "") if code < len(_CODES) else "an unusual dtype"
-    return f"{dtype} of shape ({', '.join(['*'] + [str(d) for d in rec[2:2 + ndim]])})"
-
-
-def allgather_async(tensor, name=None, process_set=global_process_set) -> int:
-    name = _claim_name(name, "allgather_async")
-    work, finish, keep = _run("allgather_async", name,
-                              lambda: _start_allgather(tensor, process_set, "allgather_async", True))
-    return _register(_Pending([work], finish, name, keep=keep + (tensor,),
-                              span=timeline.open_span("allgather_async", name, tensor)))
-
-
-class _AllgatherFn(torch.autograd.Function):
-    """forward: gather along dim 0; backward: average the gradient, keep this rank's rows."""
-
-    @staticmethod
-    def forward(ctx, tensor, process_set, name):
-        ctx.rows, ctx.process_set = tensor.shape[0] if tensor.dim() else 1, process_set
-        return _allgather_sync(tensor, process_set, name)
-
-    @staticmethod
-    def backward(ctx, grad):
-        reduced = allreduce(grad.detach(), op=Average, process_set=ctx.process_set)
-        rows = _allgather_sync(torch.tensor([ctx.rows], dtype=torch.int64), ctx.process_set, None).tolist()
-        start = sum(rows[: set_rank(ctx.process_set)])
-        return reduced.narrow(0, start, ctx.rows), None, None
-
-
-def _allgather_sync(tensor, process_set, name):
-    def run():
-        work, finish, _ = _start_allgather(tensor, process_set, "allgather", False)
-        return finish()
-    return _run("allgather", name, run)
-
-
-def allgather(tensor, name=None, process_set=global_process_set):
-    """Concatenates every rank's `tensor` along dim 0, in rank order (dim 0 may differ per rank;
-    other dims and the dtype must match). Differentiable.
-
-    Example (2 ranks)::
-
-        t = torch.full((hvd.rank() + 1, 2), float(hvd.rank()))
-        hvd.allgather(t)   # both: tensor([[0., 0.], [1., 1.], [1., 1.]])
-    """
-    if tensor.requires_grad and torch.is_grad_enabled():
-        return _AllgatherFn.apply(tensor, process_set, name)
-    return _allgather_sync(tensor, process_set, name)
-
-
-def grouped_allgather(tensors, name=None, process_set=global_process_set) -> List[torch.Tensor]:
-    return [allgather(t, name=f"{name}.{i}" if name else None, process_set=process_set)
-            for i, t in enumerate(tensors)]
-
-
-def grouped_allgather_async(tensors, name=None, process_set=global_process_set) -> int:
-    name = _claim_name(name, "grouped_allgather_async")
-    parts = [_run("grouped_allgather_async", name,
-                  lambda t=t: _start_allgather(t, process_set, "grouped_allgather_async", True)) for t in tensors]
-    return _register(_Pending([w for w, _, _ in parts], lambda: [f() for _, f, _ in parts], name,
-                              keep=tuple(k for _, _, k in parts) + tuple(tensors)))
-
-
-# ---------------------------------------------------------------- broadcast
-
-def _broadcast_into(out: torch.Tensor, root: int, process_set, name, async_op: bool, what: str, result=None):
-    group = group_of(process_set)
-    if out.dtype in DTYPES:
-        buf, back = _contiguous_cpu(out, what)
-        view = buf.reshape(-1)
-    else:  # any other dtype travels as its bytes
-        buf = out.detach().contiguous().cpu() if not (out.is_contiguous() and out.device.type == "cpu") else out
-        back = (lambda: out.data.copy_(buf)) if buf is not out else None
-        view = buf.reshape(-1).view(torch.uint8) if buf.numel() else torch.empty(0, dtype=torch.uint8)
-    g = resolve(group)
-    result = out if result is None else result
-    span = timeline.open_span(what, name, out)
-
-    def finish():
-        if back is not None:
-            back()
-        return result
-
-    _agree_on_root(g, root, out, what, name)
-    work = _run(what, name, lambda: g.broadcast(view.data_ptr(), view.numel(), DTYPES[view.dtype], root, async_op))
-    if not async_op:
-        timeline.close_span(span)
-        return finish()
-    return _register(_Pending([work], finish, name, keep=(buf, view, out), span=span))
-
-
-def _agree_on_root(g, root: int, t: torch.Tensor, what: str, name) -> None:
-    """Every rank checks that all passed the same root, shape and dtype (one small allreduce):
-    in a broadcast only non-roots receive, so two ranks that each think they are the root would
-    otherwise both finish. Raises HorovodInternalError on every rank alike; the job goes on."""
-    if g.size == 1:
-        return
-    tag = _C.shape_tag(list(t.shape)) ^ (_CODES.index(t.dtype) if t.dtype in _CODES else 99)
-    tag = tag - (1 << 64) if tag >= 1 << 63 else tag  # as an int64
-    mine = torch.tensor([root, -root, tag, -tag], dtype=torch.int64)
-    agg = mine.clone()
-    _run(what, name, lambda: g.allreduce(agg.data_ptr(), 4, _C.DType.int64, _C.RedOp.max, _C.DType.int64, False))
-    label = f"{what} {name!r}" if name else what
-    if agg[0] != -agg[1]:
-        raise HorovodInternalError(f"{label}: mismatched broadcast root ranks: ranks passed roots from {-int(agg[1])} "
-                                   f"to {int(agg[0])} (this rank: {root}); every rank must pass the same root_rank")
-    if agg[2] != -agg[3]:
-        raise HorovodInternalError(f"{label}: mismatched broadcast tensors: this rank passed "
-                                   f"{str(t.dtype)[6:]} of shape {tuple(t.shape)}, another rank a different shape "
-                                   "or dtype; every rank must pass the same shape and dtype")
-
-
-class _BroadcastFn(torch.autograd.Function):
-    """forward: root's value everywhere; backward: the averaged gradient on the root, zero elsewhere."""
-
-    @staticmethod
-    def forward(ctx, tensor, root, process_set, name):
-        ctx.root, ctx.process_set = root, process_set
-        out = tensor.detach().clone(memory_format=torch.contiguous_format)
-        return _broadcast_into(out, root, process_set, name, False, "broadcast")
-
-    @staticmethod
-    def backward(ctx, grad):
-        reduced = allreduce(grad.detach(), op=Average, process_set=ctx.process_set)
-        if set_rank(ctx.process_set) != ctx.root:
-            reduced.zero_()
-        return reduced, None, None, None
-
-
-def broadcast(tensor, root_rank, name=None, process_set=global_process_set):
-    """Returns rank `root_rank`'s `tensor` on every rank (`tensor` is left as it is). Differentiable.
-
-    Example (2 ranks)::
-
-        t = torch.full((2,), float(hvd.rank()))
-        hvd.broadcast(t, root_rank=1)   # both: tensor([1., 1.])
-    """
-    root = check_root(root_rank, process_set, "broadcast")
-    if tensor.requires_grad and torch.is_grad_enabled():
-        return _BroadcastFn.apply(tensor, root, process_set, name)
-    out = tensor.detach().clone(memory_format=torch.contiguous_format)
-    return _broadcast_into(out, root, process_set, name, False, "broadcast")
-
-
-def broadcast_(tensor, root_rank, name=None, process_set=global_process_set):
-    """Overwrites `tensor` with rank `root_rank`'s, in place; returns `tensor`."""
-    root = check_root(root_rank, process_set, "broadcast_")
-    return _broadcast_into(tensor.data if tensor.requires_grad else tensor, root, process_set, name, False,
-                           "broadcast_", result=tensor)
-
-
-def broadcast_async(tensor, root_rank, name=None, process_set=global_process_set) -> int:
-    root = check_root(root_rank, process_set, "broadcast_async")
-    name = _claim_name(name, "broadcast_async")
-    out = tensor.detach().clone(memory_format=torch.contiguous_format)
-    return _broadcast_into(out, root, process_set, name, True, "broadcast_async")
-
-
-def broadcast_async_(tensor, root_rank, name=None, process_set=global_process_set) -> int:
-    root = check_root(root_rank, process_set, "broadcast_async_")
-    name = _claim_name(name, "broadcast_async_")
-    return _broadcast_into(tensor.data if tensor.requires_grad else tensor, root, process_set, name, True,
-                           "broadcast_async_", result=tensor)
-
-
-# ---------------------------------------------------------------- alltoall
-
-def _splits_list(splits, rows: int, n: int, what: str) -> List[int]:
-    if splits is None:
-        if rows % n:
-            raise ConfigError(f"{what}: without splits, dim 0 ({rows}) must divide by the number of ranks ({n}); "
-                              "pass splits=[rows for rank 0, rows for rank 1, ...]")
-        return [rows // n] * n
-    out = [int(s) for s in (splits.tolist() if isinstance(splits, torch.Tensor) else splits)]
-    if len(out) != n or min(out, default=0) < 0 or sum(out) != rows:
-        raise ConfigError(f"{what}: splits {out} must hold {n} non-negative row counts (one per rank) summing to "
-                          f"dim 0 of the tensor ({rows})")
-    return out
-
-
-def _start_alltoall(tensor, splits, process_set, what, async_op):
-    if not isinstance(tensor, torch.Tensor):
-        raise ConfigError(f"{what} takes a torch.Tensor, got {type(tensor).__name__}")
-    g = resolve(group_of(process_set))
-    rows = _rows(tensor)
-    send = _splits_list(splits, rows.shape[0], g.size, what)
-    per_row = rows.shape[1]
-    counts = torch.tensor(send, dtype=torch.int64)
-    recv = torch.empty(g.size, dtype=torch.int64)
-    g.alltoall(counts.data_ptr(), [1] * g.size, recv.data_ptr(), [1] * g.size, _C.DType.int64, False)
-    got = recv.tolist()
-    out_rows = torch.empty((sum(got), per_row), dtype=rows.dtype)
-    work = g.alltoall(rows.data_ptr(), [s * per_row for s in send], out_rows.data_ptr(), [r * per_row for r in got],
-                      DTYPES[rows.dtype], async_op)
-
-    def finish():
-        return _unrows(out_rows, tensor, sum(got)), torch.tensor(got, dtype=torch.int32)
-
-    return work, finish, (rows, out_rows)
-
-
-class _AlltoallFn(torch.autograd.Function):
-    """forward: rows splits[i] to rank i; backward: the gradient's rows sent back where they came from."""
-
-    @staticmethod
-    def forward(ctx, tensor, splits, process_set, name):
-        out, received = _run("alltoall", name, lambda: _start_alltoall(tensor, splits, process_set, "alltoall",
-                                                                      False)[1]())
-        ctx.received, ctx.process_set = received, process_set
-        ctx.mark_non_differentiable(received)
-        return out, received
-
-    @staticmethod
-    def backward(ctx, grad, _unused):
-        back, _ = _run("alltoall backward", None,
-                       lambda: _start_alltoall(grad, ctx.received, ctx.process_set, "alltoall backward", False)[1]())
-        return back, None, None, None
-
-
-def alltoall(tensor, splits=None, name=None, process_set=global_process_set):
-    """Sends rows splits[i] of `tensor` (dim 0) to rank i and returns what every rank sent here,
-    in rank order. Without `splits` dim 0 is cut evenly and only the tensor is returned; with
-    them, (tensor, received_splits). Differentiable.
-
-    Example (2 ranks)::
-
-        t = torch.tensor([10, 11, 12]) + 100 * hvd.rank()
-        out, got = hvd.alltoall(t, splits=[1, 2] if hvd.rank() == 0 else [2, 1])
-        # rank 0: tensor([10, 110, 111]), tensor([1, 2])   rank 1: tensor([11, 12, 112]), tensor([2, 1])
-    """
-    if tensor.requires_grad and torch.is_grad_enabled():
-        out, received = _AlltoallFn.apply(tensor, splits, process_set, name)
-    else:
-        out, received = _run("alltoall", name,
-                             lambda: _start_alltoall(tensor, splits, process_set, "alltoall", False)[1]())
-    return out if splits is None else (out, received)
-
-
-def alltoall_async(tensor, splits=None, name=None, process_set=global_process_set) -> int:
-    """Starts an alltoall; `synchronize(handle)` returns (tensor, received_splits)."""
-    name = _claim_name(name, "alltoall_async")
-    work, finish, keep = _run("alltoall_async", name,
-                              lambda: _start_alltoall(tensor, splits, process_set, "alltoall_async", True))
-    return _register(_Pending([work], finish, name, keep=keep + (tensor,),
-                              span=timeline.open_span("alltoall_async", name, tensor)))
 
 
 # ---------------------------------------------------------------- reducescatter

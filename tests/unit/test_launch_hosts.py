@@ -75,12 +75,13 @@ def test_the_shipped_hostfile_example_parses():
                                                                                     ("node3", 2)]
 
 
-def test_dash_n_with_hosts_is_refused():
+def test_dash_n_beyond_the_hosts_slots_is_refused():
     import subprocess
     import sys
     p = subprocess.run([sys.executable, "-m", "dtrain.launch", "-H", "a:2", "-n", "4", sys.executable, "-c", "pass"],
                        capture_output=True, text=True, timeout=30)
-    assert p.returncode != 0 and "the ranks per host are its slots" in p.stderr, p.stderr
+    # -n with -H takes the first n slots (horovodrun -np); more than the hosts offer is an error
+    assert p.returncode != 0 and "offer 2 slot(s), so -np must be 1..2" in p.stderr, p.stderr
 
 
 def test_the_shipped_ray_cluster_yaml_is_complete():
