@@ -145,15 +145,16 @@ def test_example_under_dtrain_run(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_example_under_mpirun(tmp_path):
+@pytest.mark.parametrize("backend", ["native", "mpi"])  # mpi: every collective through mpi4py
+def test_example_under_mpirun(tmp_path, backend):
     if shutil.which("mpirun") is None:
         pytest.skip("mpirun is not installed")
     pytest.importorskip("mpi4py")
     p = subprocess.run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", "PYTHONPATH",
-                        sys.executable, EXAMPLE, "--epochs", "1"],
+                        "-x", "DTRAIN_BACKEND", sys.executable, EXAMPLE, "--epochs", "1"],
                        capture_output=True, text=True, timeout=280, cwd=str(tmp_path),
                        env={**__import__("os").environ, "PYTHONPATH": REPO, "OMPI_MCA_btl": "tcp,self",
-                            "OMPI_MCA_rtc_hwloc_vmhole": "none"})
+                            "OMPI_MCA_rtc_hwloc_vmhole": "none", "DTRAIN_BACKEND": backend})
     assert p.returncode == 0, p.stdout + p.stderr
     assert "test accuracy" in p.stdout, p.stdout
 
