@@ -51,6 +51,10 @@ def test_local_report_has_every_peer_and_a_consistent_split(tmp_path):
     assert rows["ddp-gloo@local@2"]["vs_ddp_gloo"] == pytest.approx(1.0)
     assert rows["pipeline@local@2"]["exposed_from"].startswith("idle")
     assert "| resnet | allreduce | one host | 2 |" in md and "### Targets" in md
+    # the efficiency target, beside the ceiling the machine put on it in the same run
+    ceiling = rows["no-comm@local@2"]["efficiency"]
+    assert (f"scaling efficiency, compute-bound model, 2 ranks (one host): **{ar['efficiency']:.2f}**" in md
+            and f"(no-comm) {ceiling:.2f}, of which dtrain reaches {ar['efficiency'] / ceiling:.0%}" in md)
     assert (tmp_path / "scaling.png").stat().st_size > 10_000
 
 
