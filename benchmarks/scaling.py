@@ -118,6 +118,11 @@ def worker(peer, model_name, steps, warmup):
     parameter server, which only serves)."""
     import torch
     import torch.nn.functional as F
+
+    from dtrain import memory
+    # Every peer, plain PyTorch and DDP included, runs with the allocator settings dtrain.init()
+    # applies (DTRAIN_MALLOC=0 turns them off for all): the ratios measure communication.
+    memory.keep_freed_memory()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     kind, batch, shape, classes = MODELS[model_name]
@@ -512,6 +517,7 @@ def main(argv=None):
     for (name, key), rs in runs.items():  # the median round, per peer
         results[name][key] = sorted(rs, key=lambda r: r["sec_per_step"])[len(rs) // 2]
     elapsed = time.monotonic() - t_start
+    from dtrain import memory
 
     lines = [f"## Training-step scaling ({cores} cores; one intra-op thread per process; "
              f"{'quick, 1 round' if args.quick else f'median of {rounds} rounds'}; {elapsed / 60:.1f} min)", "",
@@ -520,7 +526,9 @@ def main(argv=None):
              "dtrain's progress thread (overlapped or not); exposed is measured by dtrain itself (backward's end "
              "blocked on reductions), by the pipeline's idle time, or for the others as the step minus no-comm's at "
              "the same rank count and placement. Bytes: the test bed's interface counter where there is one, else the "
-             "algorithm's count. On one host dtrain's ranks share memory and send float32 whatever compression "
+             "algorithm's count. Every peer, plain PyTorch and DDP included, runs with the glibc allocator settings "
+             f"dtrain.init() applies (dtrain.memory; {'on' if memory.keep_freed_memory() else 'off here'}), so the "
+             "ratios measure communication, not the allocator. On one host dtrain's ranks share memory and send float32 whatever compression "
              "asks (converting costs more than it saves there), so fp16/bf16 equal fp32 locally.", ""]
     lines += ["### One host", ""] + table(results, names, lambda rows: [k for k in rows if k.split("@")[1] == "local"],
                                            cores)

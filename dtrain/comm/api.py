@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from dtrain import _C
+from dtrain import _C, memory
 from dtrain.comm import rendezvous
 from dtrain.comm.group import Group, Runtime, Work, _Current, current, env_bytes, resolve
 from dtrain.comm.tensors import DTYPES, native_dtype, redop, staging, wire_dtype
@@ -42,6 +42,7 @@ def init(backend: Optional[str] = None, timeout: float = 300.0) -> None:
     """
     if _Current.runtime is not None:
         return
+    memory.keep_freed_memory()  # no page faults through freed activations every step (DTRAIN_MALLOC=0: off)
     backend = backend or os.environ.get("DTRAIN_BACKEND", "native")
     if backend not in _BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}: this build provides {', '.join(_BACKENDS)}")
