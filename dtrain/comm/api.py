@@ -285,6 +285,18 @@ def allgather_bytes(payload: bytes, group: Optional[Group] = None) -> List[bytes
     return out
 
 
+def broadcast_bytes(payload: bytes, root: int = 0, group: Optional[Group] = None) -> bytes:
+    """Rank `root`'s `payload` (any length, 0 included) on every rank of `group`; what the other
+    ranks pass is ignored. For pickles and other records broadcast without tensors of their own."""
+    mine = resolve(group).rank == root
+    n = torch.tensor([len(payload) if mine else 0], dtype=torch.int64)
+    broadcast(n, root=root, group=group)
+    buf = (torch.frombuffer(bytearray(payload), dtype=torch.uint8) if mine and payload
+           else torch.empty(int(n.item()), dtype=torch.uint8))
+    broadcast(buf, root=root, group=group)
+    return payload if mine else buf.numpy().tobytes()
+
+
 def reduce_scatter(t: torch.Tensor, op: str = "sum", group: Optional[Group] = None,
                    compression: Optional[str] = None) -> torch.Tensor:
     """Reduces `t` across ranks and returns block `rank` of dim 0 (dim 0 must divide by the size).

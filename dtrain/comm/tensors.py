@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -84,3 +84,25 @@ def staging(t: torch.Tensor, what: str) -> Tuple[torch.Tensor, bool]:
         return host, True
     raise ConfigError(f"{what} got a tensor on device '{t.device}', which the native backend cannot reach: "
                       "move it to the CPU (t.cpu()), or use backend='torch' for accelerator tensors")
+
+
+def broadcast_coalesced(tensors: List[torch.Tensor], send: Callable[[torch.Tensor], None]) -> None:
+    """Overwrites every tensor, in place, with the root's: `send(t)` broadcasts one tensor in
+    place. Tensors of one native dtype and device travel as one flat buffer (one call instead
+    of one per tensor); any other dtype (bool, int8, complex, ...) goes to `send` one by one."""
+    by_kind: Dict[tuple, List[torch.Tensor]] = {}
+    for t in tensors:
+        if t.numel():
+            by_kind.setdefault((t.dtype, t.device), []).append(t)
+    for (dtype, _), ts in by_kind.items():
+        if len(ts) == 1 or dtype not in DTYPES:
+            for t in ts:
+                send(t)
+            continue
+        flat = torch.cat([t.detach().reshape(-1).cpu() for t in ts])
+        send(flat)
+        off = 0
+        with torch.no_grad():
+            for t in ts:
+                t.copy_(flat[off: off + t.numel()].view_as(t))
+                off += t.numel()

@@ -87,8 +87,6 @@ class ProcessSet:
         if self.process_set_id is None:
             raise ConfigError(f"process set {self.ranks} is not registered: pass it to hvd.init(process_sets=[...]) "
                               "or call hvd.add_process_set(it) on every rank first")
-        if self.group is None:
-            return None
         return self.group
 
     def size(self) -> Optional[int]:

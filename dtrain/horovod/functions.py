@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import io
 import pickle
-from typing import Dict, List
+from typing import List
 
 import torch
 
-from dtrain.comm.api import allgather_bytes
+from dtrain.comm.api import allgather_bytes, broadcast_bytes
+from dtrain.comm.group import resolve
+from dtrain.comm.tensors import broadcast_coalesced
 from dtrain.errors import ConfigError
 from dtrain.horovod.basics import check_root, global_process_set, group_of, set_rank
 from dtrain.horovod.ops import _run, broadcast_
+from dtrain.horovod.transfer import _agree_on_root
 
 
 def _named(params, what: str) -> List[tuple]:
@@ -43,22 +46,7 @@ def broadcast_parameters(params, root_rank: int, process_set=global_process_set)
 
 
 def _broadcast_fused(tensors: List[torch.Tensor], root: int, process_set) -> None:
-    by_kind: Dict[tuple, List[torch.Tensor]] = {}
-    for t in tensors:
-        if t.numel():
-            by_kind.setdefault((t.dtype, t.device), []).append(t)
-    for (dtype, _), ts in by_kind.items():
-        if len(ts) == 1 or dtype in (torch.bool, torch.int8, torch.int16) or dtype.is_complex:
-            for t in ts:
-                broadcast_(t, root, process_set=process_set)
-            continue
-        flat = torch.cat([t.detach().reshape(-1).cpu() for t in ts])
-        broadcast_(flat, root, process_set=process_set)
-        off = 0
-        with torch.no_grad():
-            for t in ts:
-                t.copy_(flat[off: off + t.numel()].view_as(t))
-                off += t.numel()
+    broadcast_coalesced(tensors, lambda t: broadcast_(t, root, process_set=process_set))
 
 
 def _dumps(obj) -> bytes:
@@ -79,14 +67,12 @@ def broadcast_object(obj, root_rank: int = 0, name=None, process_set=global_proc
         cfg = hvd.broadcast_object({"lr": 0.1 * (hvd.rank() + 1)}, root_rank=1)   # both: {'lr': 0.2}
     """
     root = check_root(root_rank, process_set, "broadcast_object")
+    group = group_of(process_set)
     mine = set_rank(process_set) == root
     payload = _dumps(obj) if mine else b""
-    n = torch.tensor([len(payload)], dtype=torch.int64)
-    broadcast_(n, root, name=f"{name}.sz" if name else None, process_set=process_set)
-    buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if mine and payload else \
-        torch.empty(int(n.item()), dtype=torch.uint8)
-    broadcast_(buf, root, name=f"{name}.t" if name else None, process_set=process_set)
-    return obj if mine else pickle.loads(buf.numpy().tobytes())
+    _agree_on_root(resolve(group), root, torch.empty(0, dtype=torch.uint8), "broadcast_object", name)
+    blob = _run("broadcast_object", name, lambda: broadcast_bytes(payload, root, group))
+    return obj if mine else pickle.loads(blob)
 
 
 def allgather_object(obj, name=None, process_set=global_process_set) -> list:

@@ -42,8 +42,9 @@ import torch
 import dtrain
 from dtrain import ops
 from dtrain import timeline as tl
-from dtrain.comm.api import allgather_bytes
+from dtrain.comm.api import allgather_bytes, broadcast_bytes
 from dtrain.comm.group import resolve
+from dtrain.comm.tensors import broadcast_coalesced
 from dtrain.errors import ConfigError
 from dtrain.parallel import checkpoint
 from dtrain.parallel.strategy import GroupStrategy
@@ -64,8 +65,10 @@ def _amax(buf: torch.Tensor) -> float:
 
 
 class _Bucket:
-    def __init__(self, params: List[int], sizes: List[int], dtype: torch.dtype):
+    def __init__(self, params: List[int], shapes: List[torch.Size], dtype: torch.dtype):
         self.params = params  # indices into the reducer's parameter list
+        self.shapes = shapes
+        sizes = [s.numel() for s in shapes]
         self.offsets = []
         off = 0
         for n in sizes:
@@ -76,6 +79,7 @@ class _Bucket:
         self.dtype = dtype
         self.elsize = torch.empty(0, dtype=dtype).element_size()
         self._buf: Optional[torch.Tensor] = None  # allocated on first use: a solo bucket may never need it
+        self._shaped: Optional[List[torch.Tensor]] = None  # each parameter's span, in its shape
         self.inplace: Optional[torch.Tensor] = None  # this step's solo gradient, reduced where it lies
         self.pending = len(params)
         self.work = None
@@ -97,13 +101,21 @@ class _Bucket:
         return (self.buf if t is None else t)[self.offsets[j]: self.offsets[j] + self.sizes[j]]
 
     def put(self, j: int, grad: Optional[torch.Tensor]) -> None:
-        """Parameter j's gradient into the buffer; zeros for a parameter without one."""
+        """Parameter j's gradient into the buffer; zeros for a parameter without one. (Runs in
+        every gradient hook: the spans are made once, and the copy is a single call.)"""
+        if self._shaped is None:
+            buf = self.buf
+            self._shaped = [buf[o: o + n].view(s) for o, n, s in zip(self.offsets, self.sizes, self.shapes)]
+        dst = self._shaped[j]
         if grad is None:
-            self.slot(j).zero_()
-        elif self.pack_scale != 1.0:
-            torch.mul(grad.detach().reshape(-1), self.pack_scale, out=self.slot(j))
+            dst.zero_()
+            return
+        if grad.requires_grad:  # backward(create_graph=True): the bucket takes the values only
+            grad = grad.detach()
+        if self.pack_scale != 1.0:
+            torch.mul(grad, self.pack_scale, out=dst)
         else:
-            self.slot(j).copy_(grad.detach().reshape(-1))
+            dst.copy_(grad)
 
 
 class _Reducer:
@@ -180,7 +192,7 @@ class _Reducer:
         for idx, _ in spans:
             for j, i in enumerate(idx):
                 self.where[i] = (len(self.buckets), j)
-            self.buckets.append(_Bucket(idx, [self.params[i].numel() for i in idx], self.params[idx[0]].dtype))
+            self.buckets.append(_Bucket(idx, [self.params[i].shape for i in idx], self.params[idx[0]].dtype))
         self._next = 0
 
     def describe(self) -> List[dict]:
@@ -606,37 +618,24 @@ class AllReduceStrategy(GroupStrategy):
     def _broadcast_module(self, model: torch.nn.Module) -> None:
         if self.world_size == 1:
             return
-        tensors = [p.data for p in model.parameters()] + [b for b in model.buffers()]
-        by_dtype: Dict[tuple, List[torch.Tensor]] = {}
-        for t in tensors:
-            if t.numel():
-                by_dtype.setdefault((t.dtype, t.device), []).append(t)
-        for (dtype, _), ts in by_dtype.items():
-            if dtype == torch.bool:
-                for t in ts:
-                    u = t.to(torch.uint8)
-                    dtrain.broadcast(u, root=0, group=self._group)
-                    t.copy_(u.bool())
-                continue
-            flat = torch.cat([t.detach().reshape(-1).cpu() for t in ts])
-            dtrain.broadcast(flat, root=0, group=self._group)
-            off = 0
-            with torch.no_grad():
-                for t in ts:
-                    t.copy_(flat[off: off + t.numel()].view_as(t))
-                    off += t.numel()
+
+        def send(t: torch.Tensor) -> None:
+            if t.dtype == torch.bool:  # no native bool: as bytes
+                u = t.to(torch.uint8)
+                dtrain.broadcast(u, root=0, group=self._group)
+                t.copy_(u.bool())
+            else:
+                dtrain.broadcast(t, root=0, group=self._group)
+
+        broadcast_coalesced([p.data for p in model.parameters()] + list(model.buffers()), send)
 
     def _broadcast_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         if self.world_size == 1:
             return
         payload = checkpoint.serialize(optimizer.state_dict()) if self.rank == 0 else b""
-        n = torch.tensor([len(payload)], dtype=torch.int64)
-        dtrain.broadcast(n, root=0, group=self._group)
-        buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if self.rank == 0 else \
-            torch.empty(int(n.item()), dtype=torch.uint8)
-        dtrain.broadcast(buf, root=0, group=self._group)
+        payload = broadcast_bytes(payload, root=0, group=self._group)
         if self.rank != 0:
-            optimizer.load_state_dict(checkpoint.deserialize(buf.numpy().tobytes()))
+            optimizer.load_state_dict(checkpoint.deserialize(payload))
 
     @contextlib.contextmanager
     def no_sync(self, model: Optional[torch.nn.Module] = None):
