@@ -130,11 +130,12 @@ compile_args = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
 # -fno-trapping-math: a float compare may then run unconditionally, so loops with a select
 # (clamps, sign flips) vectorise; nothing here enables floating-point traps. Neither flag
 # lets the compiler reorder arithmetic.
-# -fopenmp-simd: `#pragma omp simd reduction` marks the few loops whose sums may be split
-# into vector lanes (no OpenMP runtime is linked).
+# -fopenmp: `#pragma omp simd reduction` marks the few loops whose sums may be split into
+# vector lanes, and the multi-threaded kernels run on an OpenMP team (kernels/cpu/threads.h):
+# the libgomp.so.1 torch loaded first, so they share its intra-op pool.
 compile_args += ["-fvisibility=hidden", "-Wall", "-Wno-unused-function", "-fno-math-errno", "-fno-trapping-math",
-                 "-fopenmp-simd"]
-link_args = ["-pthread"]
+                 "-fopenmp"]
+link_args = ["-pthread", "-fopenmp"]
 if _flag("DTRAIN_SANITIZE"):
     compile_args += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
     link_args += ["-fsanitize=address,undefined"]

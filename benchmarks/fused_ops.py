@@ -10,6 +10,13 @@ the median step over several trials after a warm-up step, for:
 - FusedSGD (momentum 0.9) against torch.optim.SGD(foreach=True)
 and the achieved bandwidth (Adam moves 7 x 4 bytes per parameter: reads param, grad,
 exp_avg, exp_avg_sq; writes param, exp_avg, exp_avg_sq; SGD with momentum 5 x 4).
+Tensor fusion and bias+GELU / LayerNorm time dtrain's call and torch's alternately, trial by
+trial, so a slow spell of the machine falls on both.
+
+The process runs with the allocator settings dtrain.init() applies (dtrain.memory; torch and
+dtrain alike; DTRAIN_MALLOC=0 for glibc's defaults): with glibc's defaults a call that returns a
+new tensor above 32 MiB page-faults through it every time, which measures the allocator, not
+the kernel (torch's cat + half at 10M parameters took 20 ms that way, against 3 ms).
 Writes fused_ops.{json,md,png}.
 """
 
@@ -28,6 +35,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import torch  # noqa: E402
 
+from dtrain import memory  # noqa: E402
 from dtrain.optim import FusedAdam, FusedSGD  # noqa: E402
 
 CASES = {  # name -> (builder, bytes moved per parameter, peer it is measured against)
@@ -113,6 +121,19 @@ def nn_cases():
             ("LayerNorm", step(lambda: ops.fused_layer_norm(x, w, b)), step(lambda: F.layer_norm(x, (1024,), w, b)))]
 
 
+def time_pair(mine, theirs, trials):
+    """Median seconds of each of two calls over `trials` alternating trials, after one untimed
+    call of each."""
+    mine(), theirs()
+    a, b = [], []
+    for _ in range(trials):
+        for fn, out in ((mine, a), (theirs, b)):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return statistics.median(a), statistics.median(b)
+
+
 def time_fn(fn, trials):
     """Median seconds of `trials` calls after one untimed call."""
     fn()
@@ -154,6 +175,7 @@ def main():
     ap.add_argument("--sizes", default=None, help="comma-separated parameter counts")
     ap.add_argument("--threads", default="1,2")
     args = ap.parse_args()
+    malloc = "dtrain.memory's settings" if memory.keep_freed_memory() else "glibc's defaults"
     sizes = [int(float(s)) for s in args.sizes.split(",")] if args.sizes else (
         [10**6, 10**7] if args.quick else [10**6, 10**7, 10**8])
     threads_list = [int(t) for t in args.threads.split(",")]
@@ -166,7 +188,8 @@ def main():
         sec, n = time_step(CASES[name][0], s, trials)
         results[f"{name}|{s}|{th}"] = {"case": name, "params": n, "threads": th, "ms": sec * 1e3,
                                        "gb_per_s": n * CASES[name][1] / sec / 1e9}
-    lines = [f"# Fused optimizer step, {os.cpu_count()} cores, float32, ~200 tensors, median step\n",
+    lines = [f"# Fused optimizer step, {os.cpu_count()} cores, float32, ~200 tensors, median step "
+             f"(allocator: {malloc})\n",
              "| params | threads | case | ms/step | GB/s moved |", "|---:|---:|---|---:|---:|"]
     for th in threads_list:
         for s in sizes:
@@ -187,7 +210,7 @@ def main():
         for s in sizes[:2]:
             n, cases = fusion_cases(s)
             for name, mine, theirs in cases:
-                a, b = time_fn(mine, 11), time_fn(theirs, 11)
+                a, b = time_pair(mine, theirs, 21)
                 fusion[f"{name}|{s}|{th}"] = {"dtrain_ms": a * 1e3, "torch_ms": b * 1e3}
                 lines.append(f"| {s / 1e6:g}M | {th} | {name} | {a * 1e3:.2f} | {b * 1e3:.2f} | {b / a:.2f}x |")
     results["fusion"] = fusion
@@ -197,7 +220,7 @@ def main():
     for th in threads_list:
         torch.set_num_threads(th)
         for name, mine, theirs in nn_cases():
-            a, b = time_fn(mine, 21), time_fn(theirs, 21)
+            a, b = time_pair(mine, theirs, 41)
             nn[f"{name}|{th}"] = {"dtrain_ms": a * 1e3, "torch_ms": b * 1e3}
             lines.append(f"| {th} | {name} | {a * 1e3:.2f} | {b * 1e3:.2f} | {b / a:.2f}x | 1.3x |")
     results["nn"] = nn
@@ -206,7 +229,8 @@ def main():
     with open(os.path.join(args.out, "fused_ops.md"), "w") as f:
         f.write(md)
     with open(os.path.join(args.out, "fused_ops.json"), "w") as f:
-        json.dump({"cores": os.cpu_count(), "torch": torch.__version__, "results": results}, f, indent=1)
+        json.dump({"cores": os.cpu_count(), "torch": torch.__version__, "allocator": malloc, "results": results}, f,
+                  indent=1)
     print(md)
     if plot(results, sizes, threads_list, os.path.join(args.out, "fused_ops.png")):
         print(f"wrote {args.out}/fused_ops.png", file=sys.stderr)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dtrain import ops
+from dtrain import _C, ops
 from dtrain.errors import ConfigError
 from dtrain.nn import FusedLayerNorm
 
@@ -139,3 +139,21 @@ def test_streaming_stores_give_the_same_bits(monkeypatch, shape, dtype):
         assert torch.equal(a, c)
     # and they are right: against torch
     close(outs[1][0], F.layer_norm(x, (shape[-1],), w, b))
+
+
+def test_kernels_share_torchs_openmp_runtime():
+    """Multi-threaded kernels run on the OpenMP team torch uses (kernels/cpu/threads.h): _C
+    asks for libgomp.so.1 by name and gets the copy torch loaded, so this process maps one."""
+    with open(_C.__file__, "rb") as f:
+        binary = f.read()
+    assert b"libgomp.so.1\0" in binary and b"GOMP_parallel" in binary  # linked against OpenMP, and uses it
+    torch.set_num_threads(2)
+    try:
+        x = torch.randn(512, 512)
+        torch.mm(x, x)  # torch's pool
+        ops.fused_bias_gelu(x, torch.zeros(512))  # ours, on 2 threads (256K elements)
+    finally:
+        torch.set_num_threads(1)
+    with open("/proc/self/maps") as f:
+        gomp = {line.split()[-1] for line in f if "libgomp" in line}
+    assert len(gomp) == 1, f"two OpenMP runtimes in one process: {sorted(gomp)}"

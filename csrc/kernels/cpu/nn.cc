@@ -2,11 +2,11 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <thread>
 #include <vector>
 
 #include "common/error.h"
 #include "kernels/cpu/optim.h"
+#include "kernels/cpu/threads.h"
 
 namespace dtrain {
 namespace kernels {
@@ -19,20 +19,14 @@ void checkArgs(DType dt, int64_t rows, int64_t n) {
   DTRAIN_CHECK(rows >= 0 && n >= 0, kConfig, "negative shape: ", rows, " rows of ", n);
 }
 
-// f(thread, r0, r1) over contiguous row ranges, one per thread (thread 0 is this one).
+// f(thread, r0, r1) over contiguous row ranges, one per thread (thread 0 is this one;
+// threads: at most `threads`, fewer where the team comes out smaller).
 template <class F>
 void byRows(int64_t rows, int64_t n, int threads, F f) {
   // Not worth a thread below ~64K elements.
   const int64_t want = std::max<int64_t>(1, rows * std::max<int64_t>(n, 1) / (int64_t(1) << 16));
   const int t = static_cast<int>(std::min<int64_t>({static_cast<int64_t>(std::max(threads, 1)), want, std::max<int64_t>(rows, 1)}));
-  if (t <= 1) {
-    f(0, 0, rows);
-    return;
-  }
-  std::vector<std::thread> pool;
-  for (int k = 1; k < t; ++k) pool.emplace_back([&, k] { f(k, rows * k / t, rows * (k + 1) / t); });
-  f(0, 0, rows / t);
-  for (auto& th : pool) th.join();
+  onThreads(t, [&](int k, int team) { f(k, rows * k / team, rows * (k + 1) / team); });
 }
 
 size_t elem(DType dt) { return dt == DType::kFloat64 ? 8 : 4; }

@@ -4,9 +4,9 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
-#include <thread>
 
 #include "common/error.h"
+#include "kernels/cpu/threads.h"
 
 namespace dtrain {
 namespace kernels {
@@ -64,15 +64,10 @@ bool parallel(const std::vector<Piece>& ps, int threads, F f) {
   }
   std::atomic<size_t> next{0};
   std::atomic<bool> ok{true};
-  auto run = [&] {
+  onThreads(n, [&](int, int) {
     for (size_t i; ok.load(std::memory_order_relaxed) && (i = next.fetch_add(1)) < ps.size();)
       if (!f(ps[i])) ok = false;
-  };
-  std::vector<std::thread> pool;
-  pool.reserve(n - 1);
-  for (int k = 1; k < n; ++k) pool.emplace_back(run);
-  run();
-  for (auto& th : pool) th.join();
+  });
   return ok;
 }
 
