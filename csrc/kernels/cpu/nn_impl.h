@@ -122,10 +122,17 @@ void geluBwdRows(const T* __restrict dy, const T* __restrict x, const T* __restr
 constexpr int kLnRows = 4;
 constexpr int64_t kLnChunk = 512;  // columns per tile when kLnRows rows write together
 
+// The forward lets the compiler fuse multiply-adds (fp-contract=fast; the build's -std=c++17
+// turns contraction off): the variance's d * d + v and the output's (x - mu) * rs * w + b
+// take one instruction fewer per vector, and stay within torch's rounding of the same
+// formula (tests: 1e-5). The backward keeps it off; see lnBwdColumns.
+// [4096, 1024] float32 forward, one thread: 0.82 -> 0.64 ms.
+#define DTRAIN_FUSE_MULADD __attribute__((optimize("fp-contract=fast")))
+
 // Mean and 1/std of rows xp[0..R): two passes in the element type's vector lanes (the
 // deviations' pass keeps the variance free of cancellation).
 template <class T>
-void lnStats(const T* const* xp, int rows, int64_t n, double eps, T* mu, T* rs) {
+DTRAIN_FUSE_MULADD void lnStats(const T* const* xp, int rows, int64_t n, double eps, T* mu, T* rs) {
   if (rows == kLnRows) {
     const T *x0 = xp[0], *x1 = xp[1], *x2 = xp[2], *x3 = xp[3];
     T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
@@ -171,14 +178,28 @@ void lnStats(const T* const* xp, int rows, int64_t n, double eps, T* mu, T* rs) 
   }
 }
 
+// Rows of 4 KiB are pages of their own, and the hardware prefetchers stop at a page's end:
+// each new row would start with misses at full memory latency. The forward asks for the next
+// group's rows while it works on this one (forward, data not cached: 0.95 -> 0.75 ms). In
+// the backward, which reads two such rows per row, the same burst measured slower (1.44 ->
+// 1.7 ms, into L1 or L2 alike), so it runs without.
 template <class T>
-void lnFwdRows(const T* __restrict x, const T* __restrict w, const T* __restrict b, T* __restrict y,
-               T* __restrict mean, T* __restrict rstd, int64_t r0, int64_t r1, int64_t n, double eps, bool stream) {
+inline void prefetchRows(const T* base, int64_t r, int64_t r1, int64_t n) {
+  const int64_t end = (r1 - r < kLnRows ? r1 : r + kLnRows) * n;
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t e = r * n; e < end; e += kLine) __builtin_prefetch(base + e, 0, 3);
+}
+
+template <class T>
+DTRAIN_FUSE_MULADD void lnFwdRows(const T* __restrict x, const T* __restrict w, const T* __restrict b,
+                                  T* __restrict y, T* __restrict mean, T* __restrict rstd, int64_t r0, int64_t r1,
+                                  int64_t n, double eps, bool stream) {
   alignas(64) T tile[kTile];
   for (int64_t r = r0; r < r1; r += kLnRows) {
     const int rows = r1 - r < kLnRows ? static_cast<int>(r1 - r) : kLnRows;
     const T* xp[kLnRows];
     for (int i = 0; i < rows; ++i) xp[i] = x + (r + i) * n;
+    if (r + kLnRows < r1) prefetchRows(x, r + kLnRows, r1, n);
     lnStats(xp, rows, n, eps, mean + r, rstd + r);
     for (int i = 0; i < rows; ++i) {
       const T* xr = xp[i];
