@@ -106,7 +106,7 @@ void Client::exchange(const float* grad, float* params, std::vector<double> lrs,
     if (wire != DType::kFloat32) {
       l.wire.resize(l.count * dtypeSize(wire));
       kernels::cpuTable().convert(wire, l.wire.data(), DType::kFloat32, grad + l.begin,
-                                  static_cast<int64_t>(l.count), 1.f, false);
+                                  static_cast<int64_t>(l.count), 1.f, false, false);
       payload = l.wire.data();
     }
     try {

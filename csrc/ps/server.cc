@@ -375,7 +375,7 @@ bool Server::handle(Conn& c, const Header& h) {
         c.wire.resize(n_ * dtypeSize(wire));
         c.sock.recvAll(c.wire.data(), c.wire.size(), d, "a gradient");
         kernels::cpuTable().convert(DType::kFloat32, c.grad.data(), wire, c.wire.data(), static_cast<int64_t>(n_),
-                                    1.f, false);
+                                    1.f, false, false);
       }
       std::vector<double> lrs(opts_.numGroups);
       c.sock.recvAll(lrs.data(), lrBytes, d, "learning rates");
@@ -395,7 +395,7 @@ bool Server::handle(Conn& c, const Header& h) {
       w.bytes += h.bytes + sizeof(Header);
       if (opts_.staleness == 0) {
         kernels::cpuTable().convert(DType::kFloat32, acc_.data(), DType::kFloat32, c.grad.data(),
-                                    static_cast<int64_t>(n_), 1.f, true);
+                                    static_cast<int64_t>(n_), 1.f, true, false);
         ++accContributors_;
         pendingLrs_ = lrs;
         ++w.clock;

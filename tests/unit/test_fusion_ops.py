@@ -6,12 +6,17 @@ float64 reference (torch's own float32 norm is the looser of the two).
 """
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from dtrain import ops
 from dtrain.errors import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -39,6 +44,35 @@ def test_pack_is_cat_then_cast(src, dst, shapes, scale):
     flat = torch.cat([t.float().flatten() for t in ts]) if ts else torch.zeros(0)
     want = (flat * scale).to(dst)
     assert got.dtype == dst and torch.equal(got, want)
+
+
+# An fp16 flat buffer of 8 MiB or more is written with streaming stores, which need aligned
+# addresses: the second tensor starts 2 bytes in, so the unaligned head, the streamed body and
+# the tail all run (and, on 2 threads, pieces that start mid-buffer).
+LARGE = [(1,), (4_200_001,), (7, 3)]
+
+
+@pytest.mark.parametrize("isa", ["best", "avx2", "generic"])
+def test_a_large_fp16_pack_is_bit_identical_on_every_instruction_set(isa):
+    prog = f"""
+import sys; sys.path.insert(0, {REPO!r})
+import torch
+from dtrain import ops
+from tests.unit.test_fusion_ops import tensors, LARGE
+ts = tensors(LARGE)
+want = (torch.cat([t.flatten() for t in ts]) * 0.25).half()
+assert want.numel() * 2 >= 8 << 20
+for threads in (1, 2):
+    assert torch.equal(ops.pack(ts, dtype=torch.float16, scale=0.25, threads=threads), want), threads
+    out = torch.full((want.numel(),), 7.0, dtype=torch.float16)
+    assert torch.equal(ops.pack(ts, dtype=torch.float16, scale=0.25, out=out, threads=threads), want), threads
+"""
+    env = dict(os.environ)
+    env.pop("DTRAIN_ISA", None)
+    if isa != "best":
+        env["DTRAIN_ISA"] = isa
+    p = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
 
 
 @pytest.mark.parametrize("flat_dtype", FLOATS)

@@ -55,7 +55,9 @@ struct CpuTable {
   void (*adam)(DType, Decay, bool amsgrad, void* const* slots, int64_t begin, int64_t end, const AdamArgs&);
   void (*sgd)(DType, bool l2, Momentum, bool nesterov, void* const* slots, int64_t begin, int64_t end, const SgdArgs&);
   bool (*finite)(DType, const void* grad, int64_t begin, int64_t end);
-  void (*convert)(DType dstType, void* dst, DType srcType, const void* src, int64_t n, float scale, bool add);
+  // `stream` (float32 -> fp16 only; others ignore it): non-temporal stores, as below.
+  void (*convert)(DType dstType, void* dst, DType srcType, const void* src, int64_t n, float scale, bool add,
+                  bool stream);
   NormPart (*norm)(DType, const void* x, int64_t n);
   // Rows [r0, r1) of `n` elements each (float32 or float64); see nn.h.
   // `stream`: write the output with non-temporal stores (it is larger than the caches).
