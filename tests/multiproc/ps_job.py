@@ -119,6 +119,17 @@ def main():
             open(os.path.join(OUT, "kill-server"), "w").close()
             time.sleep(30)  # the server's death ends this worker's next exchange; never gets here
     stats = strategy.stats()
+    if MODE == "kill":
+        # Without a staleness bound this worker can finish before the victim has even reached
+        # its step: wait (bounded) until every server has noticed the loss, so the snapshot
+        # below shows it; a server that never does leaves it "live" and the test fails.
+        victim, deadline = int(ARGS["victim"]), time.monotonic() + 20
+
+        def noticed(st):
+            return all(any(x["rank"] == victim and x["state"] == "lost" for x in s["workers"]) for s in st["servers"])
+        while not noticed(stats) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            stats = strategy.stats()
     result = {"rank": rank, "steps": STEPS - start, "start": start, "leads": leads,
               "seconds": time.monotonic() - t0, "servers": stats["servers"],
               "params": [p.detach().reshape(-1).tolist() for p in model.parameters()]}
