@@ -6,6 +6,11 @@ themselves are checked); float32 against torch within 2e-6 absolute for GELU (to
 erf is an approximation with 1.5e-7 error, which ours shares) and within 1e-5 of max(largest value, 1) for LayerNorm and all gradients (sums over 1,000+ rows differ in order).
 """
 
+import ast
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -143,17 +148,25 @@ def test_streaming_stores_give_the_same_bits(monkeypatch, shape, dtype):
 
 def test_kernels_share_torchs_openmp_runtime():
     """Multi-threaded kernels run on the OpenMP team torch uses (kernels/cpu/threads.h): _C
-    asks for libgomp.so.1 by name and gets the copy torch loaded, so this process maps one."""
+    asks for libgomp.so.1 by name and gets the copy torch loaded, so a process that imports
+    only torch and dtrain maps one. (A fresh process: scikit-learn, which other tests import,
+    brings a libgomp of its own under another name.)"""
     with open(_C.__file__, "rb") as f:
         binary = f.read()
     assert b"libgomp.so.1\0" in binary and b"GOMP_parallel" in binary  # linked against OpenMP, and uses it
-    torch.set_num_threads(2)
-    try:
-        x = torch.randn(512, 512)
-        torch.mm(x, x)  # torch's pool
-        ops.fused_bias_gelu(x, torch.zeros(512))  # ours, on 2 threads (256K elements)
-    finally:
-        torch.set_num_threads(1)
-    with open("/proc/self/maps") as f:
-        gomp = {line.split()[-1] for line in f if "libgomp" in line}
-    assert len(gomp) == 1, f"two OpenMP runtimes in one process: {sorted(gomp)}"
+    prog = """
+import torch
+from dtrain import ops
+torch.set_num_threads(2)
+x = torch.randn(512, 512)
+torch.mm(x, x)                            # torch's pool
+ops.fused_bias_gelu(x, torch.zeros(512))  # ours, on 2 threads (256K elements)
+with open("/proc/self/maps") as f:
+    print(sorted({line.split()[-1] for line in f if "libgomp" in line}))
+"""
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    p = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=120, cwd=repo,
+                       env=dict(os.environ, PYTHONPATH=repo))
+    assert p.returncode == 0, p.stderr[-2000:]
+    gomp = ast.literal_eval(p.stdout.strip().splitlines()[-1])
+    assert len(gomp) == 1, f"two OpenMP runtimes in one process: {gomp}"
