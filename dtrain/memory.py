@@ -47,12 +47,12 @@ def _libc():
         return None
 
 
-def keep_freed_memory(force: bool = False) -> bool:
+def keep_freed_memory() -> bool:
     """Sets glibc's mmap and trim thresholds to MMAP_BYTES and TRIM_BYTES for this process
-    (once; again with `force`). Returns whether they are set: False where the C library is not glibc (musl,
-    macOS) or DTRAIN_MALLOC=0 asked for the defaults."""
+    (once). Returns whether they are set: False where the C library is not glibc (musl, macOS)
+    or DTRAIN_MALLOC=0 asked for the defaults."""
     global _applied
-    if _applied is not None and not force:
+    if _applied is not None:
         return _applied
     _applied = False
     if os.environ.get("DTRAIN_MALLOC", "1").strip() == "0":

@@ -31,12 +31,11 @@ void byRows(int64_t rows, int64_t n, int threads, F f) {
 
 size_t elem(DType dt) { return dt == DType::kFloat64 ? 8 : 4; }
 
-// Outputs of at least this many bytes skip the caches (nn_impl.h's storeTile): a
-// consumer would not find them there anyway, and a normal store reads each line first.
+// Outputs of kStreamBytes or more skip the caches (nn_impl.h's storeTile).
 bool streamOutput(DType dt, int64_t rows, int64_t n) {
   const char* env = std::getenv("DTRAIN_NN_STREAM");  // 0: never, 1: always (tests)
   if (env && (env[0] == '0' || env[0] == '1')) return env[0] == '1';
-  return rows * n * int64_t(elem(dt)) >= (int64_t(8) << 20);
+  return rows * n * int64_t(elem(dt)) >= kStreamBytes;
 }
 
 // Sums per-thread column sums (in thread order) and stores them in the output type.

@@ -151,8 +151,7 @@ void packTensors(const std::vector<const void*>& src, const std::vector<int64_t>
   const std::vector<int64_t> off = offsets(numel);
   const CpuTable& k = table();
   auto* out = static_cast<uint8_t*>(flat);
-  // A flat buffer of 8 MiB or more is written past the caches (as nn.cc's outputs are).
-  const bool stream = off.back() * int64_t(bytesOf(flatType)) >= (int64_t(8) << 20);
+  const bool stream = off.back() * int64_t(bytesOf(flatType)) >= kStreamBytes;
   parallel(piecesOf(numel), threads, [&](const Piece& p) {
     const auto* in = static_cast<const uint8_t*>(src[p.tensor]) + p.begin * bytesOf(srcType);
     k.convert(flatType, out + (off[p.tensor] + p.begin) * bytesOf(flatType), srcType, in, p.end - p.begin, scale,

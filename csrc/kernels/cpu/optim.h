@@ -49,6 +49,10 @@ void unpackTensors(const void* flat, DType flatType, const std::vector<void*>& d
 // Sum of squares (in double) and max |x| over all tensors; nan when any element is NaN.
 NormPart multiTensorNorm(const std::vector<const void*>& x, const std::vector<int64_t>& numel, DType dt, int threads);
 
+// Outputs of at least this many bytes are written with non-temporal stores (`stream` below):
+// a consumer would not find them in the caches anyway, and a normal store reads each line first.
+constexpr int64_t kStreamBytes = int64_t(8) << 20;
+
 // Per-ISA chunk functions (optim_{generic,avx2,avx512}.cc).
 struct CpuTable {
   const char* name;
