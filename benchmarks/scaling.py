@@ -212,8 +212,8 @@ def steps_for(model_name, quick, link=None):
     kind = MODELS[model_name][0]
     if link == "1gbit" and kind == "mlp":
         return 5 if quick else 10  # about 0.8 s a step in fp32
-    # ResNet steps take ~35 ms and vary by ~3 ms step to step here: 120 of them keep a run's
-    # windows within ~1% of each other (30 did not) and still take only 4 s.
+    # ResNet steps take 25-35 ms and varied by up to ~3 ms step to step here: 120 of them (about
+    # 4 s) average that out in each of the 5 windows, where 30 left 6 steps a window.
     return (10 if quick else 40) if kind == "mlp" else (10 if quick else 120)
 
 
