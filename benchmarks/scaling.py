@@ -528,8 +528,8 @@ def main(argv=None):
              "the same rank count and placement. Bytes: the test bed's interface counter where there is one, else the "
              "algorithm's count. Every peer, plain PyTorch and DDP included, runs with the glibc allocator settings "
              f"dtrain.init() applies (dtrain.memory; {'on' if memory.keep_freed_memory() else 'off here'}), so the "
-             "ratios measure communication, not the allocator. On one host dtrain's ranks share memory and send float32 whatever compression "
-             "asks (converting costs more than it saves there), so fp16/bf16 equal fp32 locally.", ""]
+             "ratios measure communication, not the allocator. On one host dtrain's ranks share memory and send "
+             "float32 whatever compression asks (converting costs more than it saves there), so fp16/bf16 equal fp32 locally.", ""]
     lines += ["### One host", ""] + table(results, names, lambda rows: [k for k in rows if k.split("@")[1] == "local"],
                                            cores)
     if ranks_list[-1] > cores:

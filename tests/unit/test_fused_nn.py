@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from dtrain import _C, ops
 from dtrain.errors import ConfigError
 from dtrain.nn import FusedLayerNorm
+from tests.multiproc.harness import REPO
 
 SHAPES = [(1, 1), (3, 7), (257, 33), (2, 5, 64), (1031, 1024), (0, 16)]
 
@@ -164,9 +165,8 @@ ops.fused_bias_gelu(x, torch.zeros(512))  # ours, on 2 threads (256K elements)
 with open("/proc/self/maps") as f:
     print(sorted({line.split()[-1] for line in f if "libgomp" in line}))
 """
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    p = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=120, cwd=repo,
-                       env=dict(os.environ, PYTHONPATH=repo))
+    p = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=120, cwd=REPO,
+                       env=dict(os.environ, PYTHONPATH=REPO))
     assert p.returncode == 0, p.stderr[-2000:]
     gomp = ast.literal_eval(p.stdout.strip().splitlines()[-1])
     assert len(gomp) == 1, f"two OpenMP runtimes in one process: {gomp}"

@@ -15,8 +15,7 @@ import torch
 
 from dtrain import ops
 from dtrain.errors import ConfigError
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.multiproc.harness import REPO
 
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
 
