@@ -1,11 +1,13 @@
 // dtrain._C.kernels: the fused CPU kernels. Tensors arrive as data pointers and
-// sizes (the extension does not link libtorch); dtrain/optim checks devices, dtypes
-// and contiguity before calling, and every call releases the GIL.
+// sizes (the extension does not link libtorch); dtrain/optim and dtrain/ops check devices,
+// dtypes and contiguity before calling, or read a list of plain CPU tensors in C++
+// (read_tensors, bindings/tensor_list.h). Every kernel call releases the GIL.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <cstddef>
 
+#include "bindings/tensor_list.h"
 #include "common/error.h"
 #include "kernels/cpu/nn.h"
 #include "kernels/cpu/optim.h"
@@ -112,6 +114,71 @@ void bindKernels(py::module_& m) {
         },
         py::arg("x"), py::arg("numel"), py::arg("dtype"), py::arg("threads"),
         "(sum of squares in double, max |x|, any NaN) over all the tensors, in one pass each.");
+  // The same three on a TensorList read in C++ (bindings/tensor_list.h).
+  static TensorReader reader;
+  py::class_<TensorList>(m, "TensorList", "CPU tensors' pointers and sizes, in runs of one dtype")
+      .def_readonly("total", &TensorList::total, "elements over all the tensors")
+      .def_readonly("count", &TensorList::count, "tensors")
+      .def_property_readonly(
+          "dtypes",
+          [](const TensorList& t) {
+            std::vector<DType> out;
+            for (const TensorRun& r : t.runs) out.push_back(r.dtype);
+            return out;
+          },
+          "each run's dtype");
+  m.def("bind_tensor_type",
+        [](py::handle tensorType, py::handle parameterType, py::dict dtypes) {
+          return reader.bind(tensorType, parameterType, dtypes);
+        },
+        py::arg("tensor_type"), py::arg("parameter_type"), py::arg("dtypes"),
+        "Takes torch.Tensor's descriptors for read_tensors; False when they are not what it expects.");
+  m.def("read_tensors",
+        [](py::handle seq) -> py::object {
+          std::optional<TensorList> t = reader.read(seq);
+          return t ? py::cast(std::move(*t)) : py::none();
+        },
+        py::arg("tensors"),
+        "The tensors of a list or tuple as a TensorList, or None when one is not a contiguous float32/fp16/bf16 "
+        "CPU torch.Tensor or Parameter (the caller checks those itself).");
+  auto consts = [](const std::vector<void*>& p) { return std::vector<const void*>(p.begin(), p.end()); };
+  m.def("pack_list",
+        [consts](const TensorList& t, uintptr_t flat, DType flatType, float scale, int threads) {
+          py::gil_scoped_release nogil;
+          auto* out = reinterpret_cast<uint8_t*>(flat);
+          for (const TensorRun& r : t.runs) {
+            packTensors(consts(r.ptr), r.numel, r.dtype, out, flatType, scale, threads);
+            out += r.total * int64_t(dtypeSize(flatType));
+          }
+        },
+        py::arg("tensors"), py::arg("flat"), py::arg("flat_dtype"), py::arg("scale"), py::arg("threads"),
+        "pack over a TensorList (every run, back to back).");
+  m.def("unpack_list",
+        [](uintptr_t flat, DType flatType, const TensorList& t, float scale, bool accumulate, int threads) {
+          py::gil_scoped_release nogil;
+          const auto* in = reinterpret_cast<const uint8_t*>(flat);
+          for (const TensorRun& r : t.runs) {
+            unpackTensors(in, flatType, r.ptr, r.numel, r.dtype, scale, accumulate, threads);
+            in += r.total * int64_t(dtypeSize(flatType));
+          }
+        },
+        py::arg("flat"), py::arg("flat_dtype"), py::arg("tensors"), py::arg("scale"), py::arg("accumulate"),
+        py::arg("threads"), "unpack into a TensorList's tensors.");
+  m.def("norm_list",
+        [consts](const TensorList& t, int threads) {
+          NormPart all;
+          {
+            py::gil_scoped_release nogil;
+            for (const TensorRun& r : t.runs) {
+              const NormPart q = multiTensorNorm(consts(r.ptr), r.numel, r.dtype, threads);
+              all.sumSq += q.sumSq;
+              all.maxAbs = q.maxAbs > all.maxAbs ? q.maxAbs : all.maxAbs;
+              all.nan = all.nan || q.nan;
+            }
+          }
+          return py::make_tuple(all.sumSq, all.maxAbs, all.nan);
+        },
+        py::arg("tensors"), py::arg("threads"), "norm over a TensorList's tensors, every run together.");
   auto P = [](uintptr_t p) { return reinterpret_cast<void*>(p); };
   m.def("gelu_forward",
         [P](DType dt, uintptr_t x, uintptr_t b, uintptr_t y, int64_t rows, int64_t n, int threads) {

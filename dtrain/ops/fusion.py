@@ -24,10 +24,27 @@ def _k():
     return _C.kernels
 
 
+_DTYPES: dict = {}  # torch dtype -> _C.DType, filled on first use
+_reader_bound: Optional[bool] = None
+
+
 def _dt(dtype: torch.dtype):
-    from dtrain import _C
-    return {torch.float32: _C.DType.float32, torch.float16: _C.DType.float16,
-            torch.bfloat16: _C.DType.bfloat16}[dtype]
+    if not _DTYPES:
+        from dtrain import _C
+        _DTYPES.update({torch.float32: _C.DType.float32, torch.float16: _C.DType.float16,
+                        torch.bfloat16: _C.DType.bfloat16})
+    return _DTYPES[dtype]
+
+
+def _read(tensors: Sequence[torch.Tensor]):
+    """The tensors as a _C.kernels.TensorList, read in one C++ loop, or None when one of
+    them needs _gather's checks (not a contiguous float CPU tensor). Per-tensor attribute
+    reads from Python are most of a small pack's time (csrc/bindings/tensor_list.h)."""
+    global _reader_bound
+    if _reader_bound is None:
+        _dt(torch.float32)
+        _reader_bound = _k().bind_tensor_type(torch.Tensor, torch.nn.Parameter, dict(_DTYPES))
+    return _k().read_tensors(tensors) if _reader_bound else None
 
 
 def _threads(threads: Optional[int]) -> int:
@@ -112,23 +129,33 @@ def pack(tensors: Sequence[torch.Tensor], dtype: Optional[torch.dtype] = None, s
     Raises ConfigError for non-float tensors, tensors on several devices, or an `out` of
     the wrong size, dtype or device.
     """
-    tensors = list(tensors)
-    runs, keep = _gather(tensors, "pack", copy=True)  # keep: copies alive until the kernel ran
+    if not isinstance(tensors, (list, tuple)):
+        tensors = list(tensors)
+    fast = _read(tensors)  # contiguous float CPU tensors: read in C++
+    if fast is not None:
+        runs, keep, total = None, None, fast.total
+    else:
+        runs, keep = _gather(tensors, "pack", copy=True)  # keep: copies alive until the kernel ran
+        total = sum(sum(sizes) for _, _, sizes in runs)
     dtype = dtype or (tensors[0].dtype if tensors else torch.float32)
     if dtype not in _FLOATS:
         raise ConfigError(f"pack casts to float32, float16 or bfloat16, not {dtype}")
-    total = sum(sum(sizes) for _, _, sizes in runs)
-    device = tensors[0].device if tensors else torch.device("cpu")
+    cpu = not tensors or tensors[0].is_cpu
     if out is None:
-        out = torch.empty(total, dtype=dtype, device=device)
-    elif out.dtype != dtype or out.numel() != total or not out.is_contiguous() or out.device != device:
+        out = torch.empty(total, dtype=dtype, device=None if cpu else tensors[0].device)
+    elif (out.dtype != dtype or out.numel() != total or not out.is_contiguous()
+          or (not out.is_cpu if cpu else out.device != tensors[0].device)):
+        device = "cpu" if cpu else tensors[0].device
         raise ConfigError(f"pack's out must be a contiguous {dtype} tensor of {total} elements on {device}, got "
                           f"{out.dtype} with {out.numel()} on {out.device}")
+    if fast is not None:
+        _k().pack_list(fast, out.data_ptr(), _dt(dtype), float(scale), _threads(threads))
+        return out
     offset, esize = 0, out.element_size()
     for run_dtype, ptrs, sizes in runs:
         args = (ptrs, sizes, _dt(run_dtype), out.data_ptr() + offset * esize, _dt(dtype), float(scale))
-        if device.type == "cuda":
-            _cuda.backend("pack").pack_cuda(*args, torch.cuda.current_stream(device).cuda_stream)
+        if not cpu:
+            _cuda.backend("pack").pack_cuda(*args, torch.cuda.current_stream(out.device).cuda_stream)
         else:
             _k().pack(*args, _threads(threads))
         offset += sum(sizes)
@@ -143,15 +170,23 @@ def unpack(flat: torch.Tensor, tensors: Sequence[torch.Tensor], scale: float = 1
 
     Raises ConfigError when flat's size is not the tensors' total or a tensor is not contiguous.
     """
-    tensors = list(tensors)
+    if not isinstance(tensors, (list, tuple)):
+        tensors = list(tensors)
     _check([flat], "unpack")
-    runs, _ = _gather(tensors, "unpack", copy=False)
+    fast = _read(tensors) if flat.is_cpu else None
+    if fast is not None:
+        runs, total = None, fast.total
+    else:
+        runs, _ = _gather(tensors, "unpack", copy=False)
+        total = sum(sum(sizes) for _, _, sizes in runs)
     if tensors and (flat.is_cpu != tensors[0].is_cpu or (not flat.is_cpu and flat.device != tensors[0].device)):
         raise ConfigError(f"unpack: flat is on {flat.device}, the tensors on {tensors[0].device}; one device per call")
-    total = sum(sum(sizes) for _, _, sizes in runs)
     if flat.numel() != total or not flat.is_contiguous():
         raise ConfigError(f"unpack's flat tensor has {flat.numel()} elements (contiguous: {flat.is_contiguous()}); "
                           f"the tensors hold {total}")
+    if fast is not None:
+        _k().unpack_list(flat.data_ptr(), _dt(flat.dtype), fast, float(scale), bool(accumulate), _threads(threads))
+        return
     offset, esize = 0, flat.element_size()
     for run_dtype, ptrs, sizes in runs:
         args = (flat.data_ptr() + offset * esize, _dt(flat.dtype), ptrs, sizes, _dt(run_dtype), float(scale),
@@ -167,9 +202,14 @@ def multi_tensor_norm(tensors: Sequence[torch.Tensor], norm_type: float = 2.0,
                       threads: Optional[int] = None) -> torch.Tensor:
     """The norm of all tensors' elements together (2: sqrt of the summed squares, computed
     in double; inf: the largest |x|), as a float32 scalar tensor. NaN if any element is NaN."""
+    if not isinstance(tensors, (list, tuple)):
+        tensors = list(tensors)
+    norm_type = float(norm_type)
+    fast = _read(tensors) if norm_type in (2.0, math.inf) else None  # contiguous float CPU tensors
+    if fast is not None:
+        return _norm_of(*_k().norm_list(fast, _threads(threads)), norm_type)
     tensors = [t.contiguous() for t in tensors]
     _check(tensors, "multi_tensor_norm")
-    norm_type = float(norm_type)
     if norm_type not in (2.0, math.inf):  # other orders: torch's norms, per tensor then together
         if not tensors:
             return torch.tensor(0.0)
@@ -182,6 +222,10 @@ def multi_tensor_norm(tensors: Sequence[torch.Tensor], norm_type: float = 2.0,
         s, m, n = _k().norm([t.data_ptr() for t in run], [t.numel() for t in run], _dt(run[0].dtype),
                             _threads(threads))
         sum_sq, max_abs, nan = sum_sq + s, max(max_abs, m), nan or n
+    return _norm_of(sum_sq, max_abs, nan, norm_type)
+
+
+def _norm_of(sum_sq: float, max_abs: float, nan: bool, norm_type: float) -> torch.Tensor:
     if nan:
         return torch.tensor(float("nan"))
     return torch.tensor(math.sqrt(sum_sq) if norm_type == 2.0 else max_abs, dtype=torch.float32)

@@ -156,3 +156,79 @@ def test_clip_grad_norm_matches_torch(norm_type, max_norm):
     p.grad = torch.tensor([1.0, float("nan"), 2.0])
     with pytest.raises(RuntimeError, match="non-finite"):
         ops.clip_grad_norm_([p], 1.0, error_if_nonfinite=True)
+
+
+# The C++ reader (csrc/bindings/tensor_list.h) takes contiguous float CPU torch.Tensor and
+# Parameter objects; anything else goes back to the Python checks, which copy or raise.
+def _reader():
+    from dtrain import _C
+    from dtrain.ops import fusion
+    fusion._read([])  # binds it on first use
+    assert fusion._reader_bound, "the reader did not bind to this torch's Tensor type"
+    return _C.kernels.read_tensors
+
+
+def test_the_reader_reads_tensors_and_parameters_in_runs_of_one_dtype():
+    read = _reader()
+    from dtrain import _C
+    ts = [torch.randn(3), torch.nn.Parameter(torch.randn(2, 2)), torch.zeros(0), torch.randn(5).half(),
+          torch.randn(1, dtype=torch.bfloat16), torch.randn(4, dtype=torch.bfloat16), torch.randn(7)]
+    got = read(ts)
+    assert (got.total, got.count) == (3 + 4 + 0 + 5 + 1 + 4 + 7, 7)
+    D = _C.DType
+    assert got.dtypes == [D.float32, D.float16, D.bfloat16, D.float32]
+    assert read(tuple(ts)).total == got.total
+    empty = read([])
+    assert (empty.total, empty.count, empty.dtypes) == (0, 0, [])
+
+
+class _Marked(torch.Tensor):
+    pass
+
+
+@pytest.mark.parametrize("odd", ["non-contiguous", "float64", "int32", "subclass", "not a tensor", "meta"])
+def test_the_reader_hands_back_what_it_cannot_read_in_place(odd):
+    read = _reader()
+    make = {"non-contiguous": lambda: torch.randn(4, 3).t(), "float64": lambda: torch.randn(3, dtype=torch.float64),
+            "int32": lambda: torch.arange(3, dtype=torch.int32), "subclass": lambda: torch.randn(3).as_subclass(_Marked),
+            "not a tensor": lambda: [1.0, 2.0], "meta": lambda: torch.empty(3, device="meta")}[odd]
+    ts = [torch.randn(5), make(), torch.randn(2)]
+    assert read(ts) is None
+    assert read(iter(ts)) is None  # only lists and tuples
+
+
+def test_pack_unpack_and_norm_agree_on_both_paths():
+    """The same tensors through the C++ reader and, with one tensor made non-contiguous,
+    through the Python checks: identical results."""
+    shapes = [(i % 11 + 1, i % 3 + 2) for i in range(60)]
+    fast = tensors(shapes, seed=5) + [torch.nn.Parameter(torch.randn(9, 4))]
+    slow = [t.detach().clone() for t in fast]
+    slow[-1] = slow[-1].t().contiguous().t()  # same values, transposed strides
+    assert _reader()(fast) is not None and _reader()(slow) is None
+    for dt in FLOATS:
+        assert torch.equal(ops.pack(fast, dtype=dt, scale=0.5), ops.pack(slow, dtype=dt, scale=0.5))
+    assert torch.equal(ops.multi_tensor_norm(fast), ops.multi_tensor_norm(slow))
+    assert torch.equal(ops.multi_tensor_norm(fast, math.inf), ops.multi_tensor_norm(slow, math.inf))
+    flat = torch.randn(sum(t.numel() for t in fast)).half()
+    a = [t.detach().clone() for t in fast]
+    ops.unpack(flat, a, scale=2.0, accumulate=True)
+    with pytest.raises(ConfigError, match="contiguous"):  # in place: the slow path refuses a strided one
+        ops.unpack(flat, slow, scale=2.0, accumulate=True)
+    off = 0
+    for t, before in zip(a, fast):
+        want = before.detach() + flat[off:off + t.numel()].float().view(t.shape) * 2.0
+        assert torch.equal(t, want)
+        off += t.numel()
+
+
+def test_pack_takes_any_iterable_and_checks_out_on_the_fast_path():
+    ts = tensors([(4,), (3, 2)], seed=6)
+    assert torch.equal(ops.pack(t for t in ts), torch.cat([t.flatten() for t in ts]))
+    with pytest.raises(ConfigError, match="10 elements.*float16 with 9"):
+        ops.pack(ts, dtype=torch.float16, out=torch.empty(9, dtype=torch.float16))
+    with pytest.raises(ConfigError, match="float32 tensor of 10 elements"):
+        ops.pack(ts, dtype=torch.float32, out=torch.empty(10, dtype=torch.float16))
+    with pytest.raises(ConfigError, match="contiguous"):
+        ops.pack(ts, out=torch.empty(20)[::2])
+    with pytest.raises(ConfigError, match="on cpu, got .* on meta"):
+        ops.pack(ts, out=torch.empty(10, device="meta"))

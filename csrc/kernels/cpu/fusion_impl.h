@@ -47,6 +47,13 @@ inline void f32ToF16(uint16_t* __restrict d, const float* __restrict s, int64_t 
   for (; i + 16 <= n; i += 16)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i),
                         _mm512_cvtps_ph(_mm512_mul_ps(_mm512_loadu_ps(s + i), sc), _MM_FROUND_TO_NEAREST_INT));
+  if (i < n) {  // the last 1-15 under a mask: a pack of many small tensors has a tail per tensor
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1);
+    _mm256_mask_storeu_epi16(d + i, m,
+                             _mm512_cvtps_ph(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + i), sc),
+                                             _MM_FROUND_TO_NEAREST_INT));
+    i = n;
+  }
 #elif defined(DTRAIN_OPT_F16C)
   const __m256 sc = _mm256_set1_ps(scale);
   if (stream) {
@@ -73,6 +80,13 @@ inline void f16ToF32(float* __restrict d, const uint16_t* __restrict s, int64_t 
     __m512 v = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i))), sc);
     if (add) v = _mm512_add_ps(_mm512_loadu_ps(d + i), v);
     _mm512_storeu_ps(d + i, v);
+  }
+  if (i < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1);
+    __m512 v = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, s + i)), sc);
+    if (add) v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, d + i), v);
+    _mm512_mask_storeu_ps(d + i, m, v);
+    i = n;
   }
 #elif defined(DTRAIN_OPT_F16C)
   const __m256 sc = _mm256_set1_ps(scale);

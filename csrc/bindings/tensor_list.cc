@@ -1,0 +1,109 @@
+#include "bindings/tensor_list.h"
+
+namespace py = pybind11;
+
+namespace dtrain {
+
+namespace {
+
+// A new reference, or nullptr with the Python error cleared (the caller falls back).
+PyObject* callMethod(PyObject* descr, PyObject* self) {
+  PyObject* r = PyObject_Vectorcall(descr, &self, 1, nullptr);
+  if (!r) PyErr_Clear();
+  return r;
+}
+
+PyObject* getAttr(PyObject* descr, PyObject* self) {
+  PyObject* r = Py_TYPE(descr)->tp_descr_get(descr, self, reinterpret_cast<PyObject*>(Py_TYPE(self)));
+  if (!r) PyErr_Clear();
+  return r;
+}
+
+// The attribute `name` of `type` when it is a descriptor of `kind`, as a new reference.
+PyObject* descriptor(py::handle type, const char* name, PyTypeObject* kind) {
+  PyObject* d = PyObject_GetAttrString(type.ptr(), name);
+  if (!d) {
+    PyErr_Clear();
+    return nullptr;
+  }
+  if (!PyObject_TypeCheck(d, kind) || !Py_TYPE(d)->tp_descr_get) {
+    Py_DECREF(d);
+    return nullptr;
+  }
+  return d;
+}
+
+}  // namespace
+
+bool TensorReader::bind(py::handle tensorType, py::handle parameterType, py::dict dtypes) {
+  if (bound_) return true;
+  PyObject* d[5] = {descriptor(tensorType, "data_ptr", &PyMethodDescr_Type),
+                    descriptor(tensorType, "numel", &PyMethodDescr_Type),
+                    descriptor(tensorType, "is_contiguous", &PyMethodDescr_Type),
+                    descriptor(tensorType, "dtype", &PyGetSetDescr_Type),
+                    descriptor(tensorType, "is_cpu", &PyGetSetDescr_Type)};
+  bool ok = PyType_Check(tensorType.ptr()) && PyType_Check(parameterType.ptr());
+  for (PyObject* x : d) ok = ok && x;
+  if (!ok) {
+    for (PyObject* x : d) Py_XDECREF(x);
+    return false;
+  }
+  // Held for the life of the process, as the module's own objects are.
+  dataPtr_ = d[0], numel_ = d[1], contiguous_ = d[2], dtype_ = d[3], isCpu_ = d[4];
+  tensorType_ = tensorType.inc_ref().ptr();
+  parameterType_ = parameterType.inc_ref().ptr();
+  for (auto item : dtypes) dtypes_.emplace_back(item.first.inc_ref().ptr(), item.second.cast<DType>());
+  bound_ = true;
+  return true;
+}
+
+std::optional<TensorList> TensorReader::read(py::handle seq) const {
+  if (!bound_ || !(PyList_Check(seq.ptr()) || PyTuple_Check(seq.ptr()))) return std::nullopt;
+  // A tuple of the items: a torch function mode active in this thread would run Python
+  // code inside the calls below, which could change a list while we walk it.
+  auto items = py::reinterpret_steal<py::object>(PySequence_Tuple(seq.ptr()));
+  if (!items) {
+    PyErr_Clear();
+    return std::nullopt;
+  }
+  const Py_ssize_t n = PyTuple_GET_SIZE(items.ptr());
+  TensorList out;
+  out.count = size_t(n);
+  PyObject* runDtype = nullptr;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* t = PyTuple_GET_ITEM(items.ptr(), i);
+    PyObject* type = reinterpret_cast<PyObject*>(Py_TYPE(t));
+    if (type != tensorType_ && type != parameterType_) return std::nullopt;
+    auto cpu = py::reinterpret_steal<py::object>(getAttr(isCpu_, t));
+    if (cpu.ptr() != Py_True) return std::nullopt;
+    auto dt = py::reinterpret_steal<py::object>(getAttr(dtype_, t));
+    if (!dt) return std::nullopt;
+    if (dt.ptr() != runDtype) {
+      const DType* found = nullptr;
+      for (const auto& [obj, d] : dtypes_)
+        if (obj == dt.ptr()) found = &d;
+      if (!found) return std::nullopt;
+      runDtype = dt.ptr();  // kept alive by dtypes_
+      out.runs.push_back(TensorRun{*found, {}, {}, 0});
+    }
+    auto contiguous = py::reinterpret_steal<py::object>(callMethod(contiguous_, t));
+    if (contiguous.ptr() != Py_True) return std::nullopt;
+    auto ptr = py::reinterpret_steal<py::object>(callMethod(dataPtr_, t));
+    auto numel = py::reinterpret_steal<py::object>(callMethod(numel_, t));
+    if (!ptr || !numel || !PyLong_Check(ptr.ptr()) || !PyLong_Check(numel.ptr())) return std::nullopt;
+    void* p = PyLong_AsVoidPtr(ptr.ptr());
+    const long long k = PyLong_AsLongLong(numel.ptr());
+    if (PyErr_Occurred() || k < 0) {
+      PyErr_Clear();
+      return std::nullopt;
+    }
+    TensorRun& run = out.runs.back();
+    run.ptr.push_back(p);
+    run.numel.push_back(k);
+    run.total += k;
+    out.total += k;
+  }
+  return out;
+}
+
+}  // namespace dtrain
