@@ -170,3 +170,15 @@ with open("/proc/self/maps") as f:
     assert p.returncode == 0, p.stderr[-2000:]
     gomp = ast.literal_eval(p.stdout.strip().splitlines()[-1])
     assert len(gomp) == 1, f"two OpenMP runtimes in one process: {gomp}"
+
+
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+def test_the_other_instruction_sets_agree_with_torch_and_stream_the_same_bits(isa):
+    """The kernels for the instruction sets this machine does not pick (DTRAIN_ISA pins one):
+    LayerNorm's rows are written through vector stores on AVX-512 and AVX2 and plain loops
+    elsewhere, and every way must match torch and give the same bits streamed or not."""
+    tests = ["test_layer_norm_matches_torch", "test_streaming_stores_give_the_same_bits", "test_bias_gelu_matches_torch"]
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                        " or ".join(tests)], capture_output=True, text=True, timeout=300, cwd=REPO,
+                       env=dict(os.environ, DTRAIN_ISA=isa, PYTHONPATH=REPO))
+    assert p.returncode == 0 and " passed" in p.stdout, p.stdout[-3000:] + p.stderr[-2000:]

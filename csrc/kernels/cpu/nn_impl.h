@@ -125,168 +125,190 @@ void geluBwdRows(const T* __restrict dy, const T* __restrict x, const T* __restr
   for (int64_t c = 0; c < n; ++c) db[c] += acc[c];
 }
 
-// Rows go kLnRows at a time through their reductions: a sum over one row is a single chain
-// of dependent vector adds that waits out each add's latency, four rows' sums in one loop
-// are four chains that overlap. Per row, the lanes add in the order one row alone would.
-constexpr int kLnRows = 4;
-constexpr int64_t kLnChunk = 512;  // columns per tile when kLnRows rows write together
-
 // The forward lets the compiler fuse multiply-adds (fp-contract=fast; the build's -std=c++17
 // turns contraction off): the variance's d * d + v and the output's (x - mu) * rs * w + b
 // take one instruction fewer per vector, and stay within torch's rounding of the same
 // formula (tests: 1e-5). The backward keeps it off; see lnBwdColumns.
-// [4096, 1024] float32 forward, one thread: 0.82 -> 0.64 ms.
 #define DTRAIN_FUSE_MULADD __attribute__((optimize("fp-contract=fast")))
 
-// Mean and 1/std of rows xp[0..R): two passes in the element type's vector lanes (the
-// deviations' pass keeps the variance free of cancellation).
+// Mean and 1/std of one row, in two passes (the deviations' pass keeps the variance free of
+// cancellation). Each pass sums into 128 bytes of lanes, two vectors' worth: two chains of
+// adds that overlap, where one accumulator would wait out every add's latency.
 template <class T>
-DTRAIN_FUSE_MULADD void lnStats(const T* const* xp, int rows, int64_t n, double eps, T* mu, T* rs) {
-  if (rows == kLnRows) {
-    const T *x0 = xp[0], *x1 = xp[1], *x2 = xp[2], *x3 = xp[3];
-    T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-    for (int64_t c = 0; c < n; ++c) {
-      s0 += x0[c];
-      s1 += x1[c];
-      s2 += x2[c];
-      s3 += x3[c];
+DTRAIN_FUSE_MULADD inline void lnRowStats(const T* __restrict x, int64_t n, double eps, T* mu, T* rs) {
+  constexpr int kLanes = 128 / sizeof(T);
+  T acc[kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes)
+    for (int k = 0; k < kLanes; ++k) acc[k] += x[c + k];
+  T s = 0;
+  for (; c < n; ++c) s += x[c];
+  for (int k = 0; k < kLanes; ++k) s += acc[k];
+  const T m = s / static_cast<T>(n);
+  T dev[kLanes] = {};
+  for (c = 0; c + kLanes <= n; c += kLanes)
+    for (int k = 0; k < kLanes; ++k) {
+      const T d = x[c + k] - m;
+      dev[k] += d * d;
     }
-    const T m0 = s0 / static_cast<T>(n), m1 = s1 / static_cast<T>(n), m2 = s2 / static_cast<T>(n),
-            m3 = s3 / static_cast<T>(n);
-    T v0 = 0, v1 = 0, v2 = 0, v3 = 0;
-#pragma omp simd reduction(+ : v0, v1, v2, v3)
-    for (int64_t c = 0; c < n; ++c) {
-      const T d0 = x0[c] - m0, d1 = x1[c] - m1, d2 = x2[c] - m2, d3 = x3[c] - m3;
-      v0 += d0 * d0;
-      v1 += d1 * d1;
-      v2 += d2 * d2;
-      v3 += d3 * d3;
-    }
-    const T m[kLnRows] = {m0, m1, m2, m3}, v[kLnRows] = {v0, v1, v2, v3};
-    for (int i = 0; i < kLnRows; ++i) {
-      mu[i] = m[i];
-      rs[i] = static_cast<T>(1.0 / __builtin_sqrt(static_cast<double>(v[i]) / n + eps));
-    }
-    return;
+  T v = 0;
+  for (; c < n; ++c) {
+    const T d = x[c] - m;
+    v += d * d;
   }
-  for (int i = 0; i < rows; ++i) {
-    const T* xr = xp[i];
-    T s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t c = 0; c < n; ++c) s += xr[c];
-    const T m = s / static_cast<T>(n);
-    T v = 0;
-#pragma omp simd reduction(+ : v)
-    for (int64_t c = 0; c < n; ++c) {
-      const T d = xr[c] - m;
-      v += d * d;
-    }
-    mu[i] = m;
-    rs[i] = static_cast<T>(1.0 / __builtin_sqrt(static_cast<double>(v) / n + eps));
-  }
+  for (int k = 0; k < kLanes; ++k) v += dev[k];
+  *mu = m;
+  *rs = static_cast<T>(1.0 / __builtin_sqrt(static_cast<double>(v) / n + eps));
 }
 
-// Rows of 4 KiB are pages of their own, and the hardware prefetchers stop at a page's end:
-// each new row would start with misses at full memory latency. The forward asks for the next
-// group's rows while it works on this one (forward, data not cached: 0.95 -> 0.75 ms). In
-// the backward, which reads two such rows per row, the same burst measured slower on an Intel
-// (1.44 -> 1.7 ms, into L1 or L2 alike) and no faster on an AMD EPYC (2.0-2.3 ms either way),
-// so it runs without.
+// y = (x - mu) * rs * w + b over one row (w, b optional), stored straight into y; with
+// `stream`, float rows go out through non-temporal stores from the first 64-byte boundary.
 template <class T>
-inline void prefetchRows(const T* base, int64_t r, int64_t r1, int64_t n) {
-  const int64_t end = (r1 - r < kLnRows ? r1 : r + kLnRows) * n;
-  constexpr int64_t kLine = 64 / sizeof(T);
-  for (int64_t e = r * n; e < end; e += kLine) __builtin_prefetch(base + e, 0, 3);
-}
-
-template <class T>
-DTRAIN_FUSE_MULADD void lnFwdRows(const T* __restrict x, const T* __restrict w, const T* __restrict b,
-                                  T* __restrict y, T* __restrict mean, T* __restrict rstd, int64_t r0, int64_t r1,
-                                  int64_t n, double eps, bool stream) {
-  alignas(64) T tile[kTile];
-  for (int64_t r = r0; r < r1; r += kLnRows) {
-    const int rows = r1 - r < kLnRows ? static_cast<int>(r1 - r) : kLnRows;
-    const T* xp[kLnRows];
-    for (int i = 0; i < rows; ++i) xp[i] = x + (r + i) * n;
-    if (r + kLnRows < r1) prefetchRows(x, r + kLnRows, r1, n);
-    lnStats(xp, rows, n, eps, mean + r, rstd + r);
-    for (int i = 0; i < rows; ++i) {
-      const T* xr = xp[i];
-      T* yr = y + (r + i) * n;
-      const T mu = mean[r + i], rs = rstd[r + i];
-      for (int64_t c0 = 0; c0 < n; c0 += kTile) {
-        const int64_t m = n - c0 < kTile ? n - c0 : kTile;
-        const T* xt = xr + c0;
-        if (w && b) {
-          for (int64_t c = 0; c < m; ++c) tile[c] = (xt[c] - mu) * rs * w[c0 + c] + b[c0 + c];
-        } else if (w) {
-          for (int64_t c = 0; c < m; ++c) tile[c] = (xt[c] - mu) * rs * w[c0 + c];
-        } else {
-          for (int64_t c = 0; c < m; ++c) tile[c] = (xt[c] - mu) * rs;
-        }
-        storeTile(yr + c0, tile, m, stream);
+DTRAIN_FUSE_MULADD inline void lnRowOut(const T* __restrict x, const T* __restrict w, const T* __restrict b,
+                                        T* __restrict y, int64_t n, T mu, T rs, bool stream) {
+  int64_t c = 0;
+#if defined(DTRAIN_OPT_AVX512)
+  if constexpr (sizeof(T) == 4) {
+    if (stream) {
+      for (; c < n && (reinterpret_cast<uintptr_t>(y + c) & 63); ++c)
+        y[c] = (x[c] - mu) * rs * (w ? w[c] : T(1)) + (b ? b[c] : T(0));
+      const __m512 m = _mm512_set1_ps(mu), r = _mm512_set1_ps(rs), one = _mm512_set1_ps(1.f),
+                   zero = _mm512_setzero_ps();
+      for (; c + 16 <= n; c += 16) {
+        const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + c), m), r);
+        _mm512_stream_ps(y + c, _mm512_fmadd_ps(xh, w ? _mm512_loadu_ps(w + c) : one,
+                                                b ? _mm512_loadu_ps(b + c) : zero));
       }
     }
+  }
+#elif defined(DTRAIN_OPT_F16C)
+  if constexpr (sizeof(T) == 4) {
+    if (stream) {
+      for (; c < n && (reinterpret_cast<uintptr_t>(y + c) & 31); ++c)
+        y[c] = (x[c] - mu) * rs * (w ? w[c] : T(1)) + (b ? b[c] : T(0));
+      const __m256 m = _mm256_set1_ps(mu), r = _mm256_set1_ps(rs), one = _mm256_set1_ps(1.f),
+                   zero = _mm256_setzero_ps();
+      for (; c + 8 <= n; c += 8) {
+        const __m256 xh = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + c), m), r);
+        _mm256_stream_ps(y + c, _mm256_fmadd_ps(xh, w ? _mm256_loadu_ps(w + c) : one,
+                                                b ? _mm256_loadu_ps(b + c) : zero));
+      }
+    }
+  }
+#endif
+  if (w && b) {
+    for (; c < n; ++c) y[c] = (x[c] - mu) * rs * w[c] + b[c];
+  } else if (w) {
+    for (; c < n; ++c) y[c] = (x[c] - mu) * rs * w[c];
+  } else {
+    for (; c < n; ++c) y[c] = (x[c] - mu) * rs;
+  }
+}
+
+// One row at a time, start to end. Four rows' sums in one loop (four chains) and rows staged
+// in an L1 tile before a separate store pass measured slower once the data comes from memory:
+// [4096, 1024] float32, one thread, caches flushed first, AMD EPYC: 1.95 -> 1.46 ms.
+template <class T>
+void lnFwdRows(const T* __restrict x, const T* __restrict w, const T* __restrict b, T* __restrict y,
+               T* __restrict mean, T* __restrict rstd, int64_t r0, int64_t r1, int64_t n, double eps, bool stream) {
+  for (int64_t r = r0; r < r1; ++r) {
+    lnRowStats(x + r * n, n, eps, mean + r, rstd + r);
+    lnRowOut(x + r * n, w, b, y + r * n, n, mean[r], rstd[r], stream);
   }
   streamFence(stream);
 }
 
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * w; dw += sum dy * xhat,
-// db += sum dy over these rows (accumulated per row in T, then into the doubles).
-// Rows go kLnRows at a time: one pass for their sums (lnGradSums), then one pass over the
-// columns that writes every row's dx and adds all of them into dw/db, so the accumulators
-// are loaded and stored once per kLnRows rows (they were the loop's busiest ports) and g is
-// never stored. Per column the rows are added in order, as one row at a time would.
+// db += sum dy over these rows (accumulated per column in T, then into the doubles).
+// One row at a time, in two passes: its two sums, then dx and the column sums. Four rows
+// together (their sums in one loop, then one pass over the columns writing all four, so the
+// column sums were loaded and stored once per four rows) measured slower once dy and x come
+// from memory: [4096, 1024] float32, one thread, caches flushed first, AMD EPYC: 3.1 -> 1.8 ms.
+//
+// fp-contract=off: g = dy * w must round in the second pass exactly as it did in the sums (a
+// fused multiply-add into g - mean(g) would keep its low bits, so a row of one element, whose
+// g - mean(g) is exactly 0, would get a gradient from the rounding residue); the vector body
+// below rounds every product as the scalar loops do, so a row's result does not depend on
+// where its vectors start.
+#define DTRAIN_NO_MULADD __attribute__((optimize("fp-contract=off")))
 
-// mean(g) and mean(g * xhat) per row, g = dy * w. One row at a time: unlike the forward's
-// sums, four rows in one loop measured slower here (1.5 against 1.35 ms for [4096, 1024]).
+// mean(g) and mean(g * xhat) of one row, each summed in 128 bytes of lanes (two chains).
 template <class T>
-void lnGradSums(const T* const* dyp, const T* const* xp, const T* __restrict w, const T* mu, const T* rs, int rows,
-                int64_t n, T* mg, T* mgx) {
-  for (int i = 0; i < rows; ++i) {
-    const T* dyr = dyp[i];
-    const T* xr = xp[i];
-    const T m0 = mu[i], s0 = rs[i];
-    T sg = 0, sgx = 0;
-#pragma omp simd reduction(+ : sg, sgx)
-    for (int64_t c = 0; c < n; ++c) {
-      const T g = dyr[c] * (w ? w[c] : T(1));
-      sg += g;
-      sgx += g * ((xr[c] - m0) * s0);
+DTRAIN_NO_MULADD inline void lnRowGradSums(const T* __restrict dy, const T* __restrict x, const T* __restrict w,
+                                           int64_t n, T mu, T rs, T* mg, T* mgx) {
+  constexpr int kLanes = 128 / sizeof(T);
+  T ag[kLanes] = {}, agx[kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes)
+    for (int k = 0; k < kLanes; ++k) {
+      const T g = dy[c + k] * (w ? w[c + k] : T(1));
+      ag[k] += g;
+      agx[k] += g * ((x[c + k] - mu) * rs);
     }
-    mg[i] = sg / static_cast<T>(n);
-    mgx[i] = sgx / static_cast<T>(n);
+  T sg = 0, sgx = 0;
+  for (; c < n; ++c) {
+    const T g = dy[c] * (w ? w[c] : T(1));
+    sg += g;
+    sgx += g * ((x[c] - mu) * rs);
   }
+  for (int k = 0; k < kLanes; ++k) {
+    sg += ag[k];
+    sgx += agx[k];
+  }
+  *mg = sg / static_cast<T>(n);
+  *mgx = sgx / static_cast<T>(n);
 }
 
-// fp-contract=off: g = dy * w must round exactly as it did in the row sums (a fused
-// multiply-add into g - mean(g) would keep its low bits, so a row of one element, whose
-// g - mean(g) is exactly 0, would get a gradient from the rounding residue).
-template <class T, int R>
-__attribute__((optimize("fp-contract=off"))) void lnBwdColumns(const T* const* dyp, const T* const* xp, const T* __restrict w, const T* mu, const T* rs,
-                  const T* mg, const T* mgx, T* const* dxp, T* __restrict accW, T* __restrict accB, int64_t n,
-                  bool stream) {
-  alignas(64) T tile[R][kLnChunk];
-  for (int64_t c0 = 0; c0 < n; c0 += kLnChunk) {
-    const int64_t m = n - c0 < kLnChunk ? n - c0 : kLnChunk;
-#pragma omp simd
-    for (int64_t c = 0; c < m; ++c) {
-      const T wc = w ? w[c0 + c] : T(1);
-      T aw = accW[c0 + c], ab = accB[c0 + c];
-      for (int i = 0; i < R; ++i) {
-        const T d = dyp[i][c0 + c];
-        const T xh = (xp[i][c0 + c] - mu[i]) * rs[i];
-        const T g = d * wc;
-        tile[i][c] = rs[i] * ((g - mg[i]) - xh * mgx[i]);
-        aw += d * xh;
-        ab += d;
+// dx of one row, stored straight into dx (float rows with `stream`: non-temporal stores from
+// the first 64-byte boundary), and its dy * xhat and dy added into the column sums.
+template <class T>
+DTRAIN_NO_MULADD inline void lnRowGrad(const T* __restrict dy, const T* __restrict x, const T* __restrict w,
+                                       T* __restrict dx, T* __restrict accW, T* __restrict accB, int64_t n, T mu,
+                                       T rs, T mg, T mgx, bool stream) {
+  auto one = [&](int64_t c) {
+    const T d = dy[c];
+    const T xh = (x[c] - mu) * rs;
+    const T g = d * (w ? w[c] : T(1));
+    dx[c] = rs * ((g - mg) - xh * mgx);
+    accW[c] += d * xh;
+    accB[c] += d;
+  };
+  int64_t c = 0;
+#if defined(DTRAIN_OPT_AVX512)
+  if constexpr (sizeof(T) == 4) {
+    if (stream) {
+      for (; c < n && (reinterpret_cast<uintptr_t>(dx + c) & 63); ++c) one(c);
+      const __m512 m = _mm512_set1_ps(mu), r = _mm512_set1_ps(rs), vg = _mm512_set1_ps(mg),
+                   vgx = _mm512_set1_ps(mgx), ones = _mm512_set1_ps(1.f);
+      for (; c + 16 <= n; c += 16) {
+        const __m512 d = _mm512_loadu_ps(dy + c);
+        const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + c), m), r);
+        const __m512 g = _mm512_mul_ps(d, w ? _mm512_loadu_ps(w + c) : ones);
+        _mm512_stream_ps(dx + c, _mm512_mul_ps(r, _mm512_sub_ps(_mm512_sub_ps(g, vg), _mm512_mul_ps(xh, vgx))));
+        _mm512_storeu_ps(accW + c, _mm512_add_ps(_mm512_loadu_ps(accW + c), _mm512_mul_ps(d, xh)));
+        _mm512_storeu_ps(accB + c, _mm512_add_ps(_mm512_loadu_ps(accB + c), d));
       }
-      accW[c0 + c] = aw;
-      accB[c0 + c] = ab;
     }
-    for (int i = 0; i < R; ++i) storeTile(dxp[i] + c0, tile[i], m, stream);
   }
+#elif defined(DTRAIN_OPT_F16C)
+  if constexpr (sizeof(T) == 4) {
+    if (stream) {
+      for (; c < n && (reinterpret_cast<uintptr_t>(dx + c) & 31); ++c) one(c);
+      const __m256 m = _mm256_set1_ps(mu), r = _mm256_set1_ps(rs), vg = _mm256_set1_ps(mg),
+                   vgx = _mm256_set1_ps(mgx), ones = _mm256_set1_ps(1.f);
+      for (; c + 8 <= n; c += 8) {
+        const __m256 d = _mm256_loadu_ps(dy + c);
+        const __m256 xh = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + c), m), r);
+        const __m256 g = _mm256_mul_ps(d, w ? _mm256_loadu_ps(w + c) : ones);
+        _mm256_stream_ps(dx + c, _mm256_mul_ps(r, _mm256_sub_ps(_mm256_sub_ps(g, vg), _mm256_mul_ps(xh, vgx))));
+        _mm256_storeu_ps(accW + c, _mm256_add_ps(_mm256_loadu_ps(accW + c), _mm256_mul_ps(d, xh)));
+        _mm256_storeu_ps(accB + c, _mm256_add_ps(_mm256_loadu_ps(accB + c), d));
+      }
+    }
+  }
+#endif
+#pragma omp simd
+  for (int64_t k = c; k < n; ++k) one(k);
 }
 
 template <class T>
@@ -294,25 +316,11 @@ void lnBwdRows(const T* __restrict dy, const T* __restrict x, const T* __restric
                const T* __restrict rstd, T* __restrict dx, double* __restrict dw, double* __restrict db, int64_t r0,
                int64_t r1, int64_t n, T* __restrict accW, T* __restrict accB, bool stream) {
   for (int64_t c = 0; c < n; ++c) accW[c] = accB[c] = 0;
-  for (int64_t r = r0; r < r1; r += kLnRows) {
-    const int rows = r1 - r < kLnRows ? static_cast<int>(r1 - r) : kLnRows;
-    const T* dyp[kLnRows];
-    const T* xp[kLnRows];
-    T* dxp[kLnRows];
-    T mu[kLnRows], rs[kLnRows], mg[kLnRows], mgx[kLnRows];
-    for (int i = 0; i < rows; ++i) {
-      dyp[i] = dy + (r + i) * n;
-      xp[i] = x + (r + i) * n;
-      dxp[i] = dx + (r + i) * n;
-      mu[i] = mean[r + i];
-      rs[i] = rstd[r + i];
-    }
-    lnGradSums(dyp, xp, w, mu, rs, rows, n, mg, mgx);
-    if (rows == kLnRows)
-      lnBwdColumns<T, kLnRows>(dyp, xp, w, mu, rs, mg, mgx, dxp, accW, accB, n, stream);
-    else
-      for (int i = 0; i < rows; ++i)
-        lnBwdColumns<T, 1>(dyp + i, xp + i, w, mu + i, rs + i, mg + i, mgx + i, dxp + i, accW, accB, n, stream);
+  for (int64_t r = r0; r < r1; ++r) {
+    const T *dyr = dy + r * n, *xr = x + r * n;
+    T mg, mgx;
+    lnRowGradSums(dyr, xr, w, n, mean[r], rstd[r], &mg, &mgx);
+    lnRowGrad(dyr, xr, w, dx + r * n, accW, accB, n, mean[r], rstd[r], mg, mgx, stream);
   }
   streamFence(stream);
   for (int64_t c = 0; c < n; ++c) {
