@@ -77,6 +77,7 @@ def fusion_cases(total):
     ts = [p.detach() for p in params(total)]
     n = sum(t.numel() for t in ts)
     out16 = torch.empty(n, dtype=torch.float16)
+    flat32 = torch.empty(n)
     flat16 = ops.pack(ts, dtype=torch.float16)
     grads = [torch.randn_like(t) for t in ts]
     ps = [t.clone().requires_grad_() for t in ts]
@@ -90,7 +91,7 @@ def fusion_cases(total):
             off += t.numel()
     return n, [
         ("pack+cast fp16 (reused buffer)", lambda: ops.pack(ts, dtype=torch.float16, out=out16),
-         lambda: torch.cat([t.flatten() for t in ts]).half()),
+         lambda: out16.copy_(torch.cat([t.flatten() for t in ts], out=flat32))),
         ("pack+cast fp16 (new buffer)", lambda: ops.pack(ts, dtype=torch.float16),
          lambda: torch.cat([t.flatten() for t in ts]).half()),
         ("unpack fp16 + add", lambda: ops.unpack(flat16, ts, accumulate=True), torch_unpack),
@@ -121,10 +122,13 @@ def nn_cases():
             ("LayerNorm", step(lambda: ops.fused_layer_norm(x, w, b)), step(lambda: F.layer_norm(x, (1024,), w, b)))]
 
 
-def time_pair(mine, theirs, trials):
-    """Median seconds of each of two calls over `trials` alternating trials, after one untimed
-    call of each."""
+def time_pair(mine, theirs, trials, seconds=0.0):
+    """Median seconds of each of two calls over alternating trials, after one untimed call of
+    each: `trials` of them, or more where they fit in `seconds` (small cases, whose medians
+    over a few trials move with every other process on the machine)."""
+    t0 = time.perf_counter()
     mine(), theirs()
+    trials = max(trials, min(1000, int(seconds / max(time.perf_counter() - t0, 1e-6))))
     a, b = [], []
     for _ in range(trials):
         for fn, out in ((mine, a), (theirs, b)):
@@ -210,7 +214,7 @@ def main():
         for s in sizes[:2]:
             n, cases = fusion_cases(s)
             for name, mine, theirs in cases:
-                a, b = time_pair(mine, theirs, 21)
+                a, b = time_pair(mine, theirs, 21, seconds=0.5)
                 fusion[f"{name}|{s}|{th}"] = {"dtrain_ms": a * 1e3, "torch_ms": b * 1e3}
                 lines.append(f"| {s / 1e6:g}M | {th} | {name} | {a * 1e3:.2f} | {b * 1e3:.2f} | {b / a:.2f}x |")
     results["fusion"] = fusion
@@ -220,7 +224,7 @@ def main():
     for th in threads_list:
         torch.set_num_threads(th)
         for name, mine, theirs in nn_cases():
-            a, b = time_pair(mine, theirs, 41)
+            a, b = time_pair(mine, theirs, 41, seconds=1.5)
             nn[f"{name}|{th}"] = {"dtrain_ms": a * 1e3, "torch_ms": b * 1e3}
             lines.append(f"| {th} | {name} | {a * 1e3:.2f} | {b * 1e3:.2f} | {b / a:.2f}x | 1.3x |")
     results["nn"] = nn

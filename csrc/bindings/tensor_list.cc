@@ -38,7 +38,7 @@ PyObject* descriptor(py::handle type, const char* name, PyTypeObject* kind) {
 bool TensorReader::bind(py::handle tensorType, py::handle parameterType, py::dict dtypes) {
   if (bound_) return true;
   PyObject* d[5] = {descriptor(tensorType, "data_ptr", &PyMethodDescr_Type),
-                    descriptor(tensorType, "numel", &PyMethodDescr_Type),
+                    descriptor(tensorType, "nbytes", &PyGetSetDescr_Type),
                     descriptor(tensorType, "is_contiguous", &PyMethodDescr_Type),
                     descriptor(tensorType, "dtype", &PyGetSetDescr_Type),
                     descriptor(tensorType, "is_cpu", &PyGetSetDescr_Type)};
@@ -49,7 +49,7 @@ bool TensorReader::bind(py::handle tensorType, py::handle parameterType, py::dic
     return false;
   }
   // Held for the life of the process, as the module's own objects are.
-  dataPtr_ = d[0], numel_ = d[1], contiguous_ = d[2], dtype_ = d[3], isCpu_ = d[4];
+  dataPtr_ = d[0], nbytes_ = d[1], contiguous_ = d[2], dtype_ = d[3], isCpu_ = d[4];
   tensorType_ = tensorType.inc_ref().ptr();
   parameterType_ = parameterType.inc_ref().ptr();
   for (auto item : dtypes) dtypes_.emplace_back(item.first.inc_ref().ptr(), item.second.cast<DType>());
@@ -89,15 +89,17 @@ std::optional<TensorList> TensorReader::read(py::handle seq) const {
     auto contiguous = py::reinterpret_steal<py::object>(callMethod(contiguous_, t));
     if (contiguous.ptr() != Py_True) return std::nullopt;
     auto ptr = py::reinterpret_steal<py::object>(callMethod(dataPtr_, t));
-    auto numel = py::reinterpret_steal<py::object>(callMethod(numel_, t));
-    if (!ptr || !numel || !PyLong_Check(ptr.ptr()) || !PyLong_Check(numel.ptr())) return std::nullopt;
+    auto nbytes = py::reinterpret_steal<py::object>(getAttr(nbytes_, t));
+    if (!ptr || !nbytes || !PyLong_Check(ptr.ptr()) || !PyLong_Check(nbytes.ptr())) return std::nullopt;
     void* p = PyLong_AsVoidPtr(ptr.ptr());
-    const long long k = PyLong_AsLongLong(numel.ptr());
-    if (PyErr_Occurred() || k < 0) {
+    const long long bytes = PyLong_AsLongLong(nbytes.ptr());
+    TensorRun& run = out.runs.back();
+    const long long size = static_cast<long long>(dtypeSize(run.dtype));
+    if (PyErr_Occurred() || bytes < 0 || bytes % size != 0) {
       PyErr_Clear();
       return std::nullopt;
     }
-    TensorRun& run = out.runs.back();
+    const long long k = bytes / size;
     run.ptr.push_back(p);
     run.numel.push_back(k);
     run.total += k;
