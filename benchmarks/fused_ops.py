@@ -10,8 +10,8 @@ the median step over several trials after a warm-up step, for:
 - FusedSGD (momentum 0.9) against torch.optim.SGD(foreach=True)
 and the achieved bandwidth (Adam moves 7 x 4 bytes per parameter: reads param, grad,
 exp_avg, exp_avg_sq; writes param, exp_avg, exp_avg_sq; SGD with momentum 5 x 4).
-Tensor fusion and bias+GELU / LayerNorm time dtrain's call and torch's alternately, trial by
-trial, so a slow spell of the machine falls on both.
+Every case runs in turn, trial by trial (the five optimizers of one size, each on its own
+parameters; dtrain's call and torch's for the rest), so a slow spell of the machine falls on all.
 
 The process runs with the allocator settings dtrain.init() applies (dtrain.memory; torch and
 dtrain alike; DTRAIN_MALLOC=0 for glibc's defaults): with glibc's defaults a call that returns a
@@ -61,18 +61,29 @@ def params(total: int, tensors: int = 200):
     return out
 
 
-def time_step(make, total, trials):
-    ps = params(total)
-    opt = make(ps)
-    sec = time_fn(opt.step, trials)  # its untimed first call makes the state, plans and pages
-    n = sum(p.numel() for p in ps)
-    del opt, ps
+def time_steps(total, trials):
+    """{case: (median seconds per step, parameters)} for every case of CASES at `total`
+    parameters, each with its own parameters, stepped in turn, trial by trial, so a slow
+    spell of the machine (memory bandwidth shared with its neighbours) falls on all alike."""
+    opts = {}
+    for name, (make, _) in CASES.items():
+        opts[name] = make(params(total))
+        opts[name].step()  # untimed: makes the state, plans and pages
+    times = {name: [] for name in CASES}
+    for _ in range(trials):
+        for name, opt in opts.items():
+            t0 = time.perf_counter()
+            opt.step()
+            times[name].append(time.perf_counter() - t0)
+    n = sum(p.numel() for p in opts["adam dtrain"].param_groups[0]["params"])
+    del opts
     gc.collect()
-    return sec, n
+    return {name: (statistics.median(t), n) for name, t in times.items()}
 
 
 def fusion_cases(total):
-    """Tensor fusion against torch: (name, dtrain fn, torch fn) over ~200 float32 tensors."""
+    """Tensor fusion against torch: (name, dtrain fn, torch fn[, untimed set-up before each])
+    over ~200 float32 tensors."""
     from dtrain import ops
     ts = [p.detach() for p in params(total)]
     n = sum(t.numel() for t in ts)
@@ -83,6 +94,7 @@ def fusion_cases(total):
     ps = [t.clone().requires_grad_() for t in ts]
     for p, g in zip(ps, grads):
         p.grad = g.clone()
+    clipped = [p.grad for p in ps]
 
     def torch_unpack():
         off = 0
@@ -97,8 +109,11 @@ def fusion_cases(total):
         ("unpack fp16 + add", lambda: ops.unpack(flat16, ts, accumulate=True), torch_unpack),
         ("2-norm of all", lambda: ops.multi_tensor_norm(ts),
          lambda: torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in ts]))),
-        ("clip_grad_norm_", lambda: ops.clip_grad_norm_(ps, 1e9),
+        ("clip_grad_norm_ (under max)", lambda: ops.clip_grad_norm_(ps, 1e9),
          lambda: torch.nn.utils.clip_grad_norm_(ps, 1e9)),
+        # Clipped grads stay at the limit, where the factor rounds to 1: put them back first.
+        ("clip_grad_norm_ (clipping)", lambda: ops.clip_grad_norm_(ps, 1.0),
+         lambda: torch.nn.utils.clip_grad_norm_(ps, 1.0), lambda: torch._foreach_copy_(clipped, grads)),
     ]
 
 
@@ -122,31 +137,23 @@ def nn_cases():
             ("LayerNorm", step(lambda: ops.fused_layer_norm(x, w, b)), step(lambda: F.layer_norm(x, (1024,), w, b)))]
 
 
-def time_pair(mine, theirs, trials, seconds=0.0):
+def time_pair(mine, theirs, trials, seconds=0.0, prepare=None):
     """Median seconds of each of two calls over alternating trials, after one untimed call of
     each: `trials` of them, or more where they fit in `seconds` (small cases, whose medians
-    over a few trials move with every other process on the machine)."""
+    over a few trials move with every other process on the machine). `prepare`, untimed,
+    runs before every call."""
+    prepare = prepare or (lambda: None)
     t0 = time.perf_counter()
-    mine(), theirs()
+    prepare(), mine(), prepare(), theirs()
     trials = max(trials, min(1000, int(seconds / max(time.perf_counter() - t0, 1e-6))))
     a, b = [], []
     for _ in range(trials):
         for fn, out in ((mine, a), (theirs, b)):
+            prepare()
             t0 = time.perf_counter()
             fn()
             out.append(time.perf_counter() - t0)
     return statistics.median(a), statistics.median(b)
-
-
-def time_fn(fn, trials):
-    """Median seconds of `trials` calls after one untimed call."""
-    fn()
-    times = []
-    for _ in range(trials):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def plot(results, sizes, threads_list, path):
@@ -185,13 +192,13 @@ def main():
     threads_list = [int(t) for t in args.threads.split(",")]
     from tqdm import tqdm
     results = {}
-    jobs = [(th, s, name) for th in threads_list for s in sizes for name in CASES]
-    for th, s, name in tqdm(jobs, desc="fused ops", ncols=90, file=sys.stderr):
+    jobs = [(th, s) for th in threads_list for s in sizes]
+    for th, s in tqdm(jobs, desc="fused ops", ncols=90, file=sys.stderr):
         torch.set_num_threads(th)
-        trials = 5 if s >= 10**8 else (9 if args.quick else 21)
-        sec, n = time_step(CASES[name][0], s, trials)
-        results[f"{name}|{s}|{th}"] = {"case": name, "params": n, "threads": th, "ms": sec * 1e3,
-                                       "gb_per_s": n * CASES[name][1] / sec / 1e9}
+        trials = 7 if s >= 10**8 else (9 if args.quick else 21)
+        for name, (sec, n) in time_steps(s, trials).items():
+            results[f"{name}|{s}|{th}"] = {"case": name, "params": n, "threads": th, "ms": sec * 1e3,
+                                           "gb_per_s": n * CASES[name][1] / sec / 1e9}
     lines = [f"# Fused optimizer step, {os.cpu_count()} cores, float32, ~200 tensors, median step "
              f"(allocator: {malloc})\n",
              "| params | threads | case | ms/step | GB/s moved |", "|---:|---:|---|---:|---:|"]
@@ -213,8 +220,8 @@ def main():
         torch.set_num_threads(th)
         for s in sizes[:2]:
             n, cases = fusion_cases(s)
-            for name, mine, theirs in cases:
-                a, b = time_pair(mine, theirs, 21, seconds=0.5)
+            for name, mine, theirs, *prepare in cases:
+                a, b = time_pair(mine, theirs, 21, seconds=0.5, prepare=prepare[0] if prepare else None)
                 fusion[f"{name}|{s}|{th}"] = {"dtrain_ms": a * 1e3, "torch_ms": b * 1e3}
                 lines.append(f"| {s / 1e6:g}M | {th} | {name} | {a * 1e3:.2f} | {b * 1e3:.2f} | {b / a:.2f}x |")
     results["fusion"] = fusion

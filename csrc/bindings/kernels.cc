@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstddef>
 
 #include "bindings/tensor_list.h"
@@ -179,6 +180,27 @@ void bindKernels(py::module_& m) {
           return py::make_tuple(all.sumSq, all.maxAbs, all.nan);
         },
         py::arg("tensors"), py::arg("threads"), "norm over a TensorList's tensors, every run together.");
+  m.def("scale_list",
+        [](const TensorList& t, float scale, int threads) {
+          py::gil_scoped_release nogil;
+          // Threads scale pieces side by side: two tensors sharing memory (the same one
+          // twice, overlapping views) would race, and torch scales those twice in turn.
+          std::vector<std::pair<uintptr_t, uintptr_t>> spans;
+          for (const TensorRun& r : t.runs)
+            for (size_t i = 0; i < r.ptr.size(); ++i)
+              if (r.numel[i] > 0) {
+                const auto b = reinterpret_cast<uintptr_t>(r.ptr[i]);
+                spans.emplace_back(b, b + uintptr_t(r.numel[i]) * dtypeSize(r.dtype));
+              }
+          std::sort(spans.begin(), spans.end());
+          for (size_t i = 1; i < spans.size(); ++i)
+            if (spans[i].first < spans[i - 1].second) return false;
+          for (const TensorRun& r : t.runs) scaleTensors(r.ptr, r.numel, r.dtype, scale, threads);
+          return true;
+        },
+        py::arg("tensors"), py::arg("scale"), py::arg("threads"),
+        "Multiplies a TensorList's tensors by scale in place (in float32, rounded to each one's dtype). Returns "
+        "False, touching nothing, when two of them share memory (the caller scales those one by one).");
   auto P = [](uintptr_t p) { return reinterpret_cast<void*>(p); };
   m.def("gelu_forward",
         [P](DType dt, uintptr_t x, uintptr_t b, uintptr_t y, int64_t rows, int64_t n, int threads) {

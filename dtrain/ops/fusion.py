@@ -148,6 +148,8 @@ def pack(tensors: Sequence[torch.Tensor], dtype: Optional[torch.dtype] = None, s
         device = "cpu" if cpu else tensors[0].device
         raise ConfigError(f"pack's out must be a contiguous {dtype} tensor of {total} elements on {device}, got "
                           f"{out.dtype} with {out.numel()} on {out.device}")
+    else:
+        torch._C._increment_version((out,))  # written through its pointer below, as cat(out=) would count it
     if fast is not None:
         _k().pack_list(fast, out.data_ptr(), _dt(dtype), float(scale), _threads(threads))
         return out
@@ -184,6 +186,7 @@ def unpack(flat: torch.Tensor, tensors: Sequence[torch.Tensor], scale: float = 1
     if flat.numel() != total or not flat.is_contiguous():
         raise ConfigError(f"unpack's flat tensor has {flat.numel()} elements (contiguous: {flat.is_contiguous()}); "
                           f"the tensors hold {total}")
+    torch._C._increment_version(tensors)  # written through their pointers below, as copy_/add_ would count them
     if fast is not None:
         _k().unpack_list(flat.data_ptr(), _dt(flat.dtype), fast, float(scale), bool(accumulate), _threads(threads))
         return
@@ -257,17 +260,33 @@ def _cuda_norm(tensors: Sequence[torch.Tensor], inf: bool) -> torch.Tensor:
 def clip_grad_norm_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], max_norm: float,
                     norm_type: float = 2.0, error_if_nonfinite: bool = False) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ with the norm taken in one pass per dtype: scales
-    every grad by min(1, max_norm / (total_norm + 1e-6)) and returns the total norm."""
+    every grad by min(1, max_norm / (total_norm + 1e-6)) and returns the total norm. On the
+    CPU, where reading the factor costs no device sync, a factor of exactly 1 skips the
+    scaling, and contiguous float grads are scaled by one multi-tensor kernel."""
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.tensor(0.0)
-    total = multi_tensor_norm(grads, norm_type)
+    norm_type = float(norm_type)
+    fast = _read(grads)  # contiguous float CPU grads: read once, for the norm and the scaling
+    if fast is not None and norm_type in (2.0, math.inf):
+        total = _norm_of(*_k().norm_list(fast, _threads(None)), norm_type)
+    else:
+        total = multi_tensor_norm(grads, norm_type)
     if error_if_nonfinite and not torch.isfinite(total):
         raise RuntimeError(f"The total norm of order {float(norm_type)} for gradients from `parameters` is "
                            "non-finite, so it cannot be clipped. To disable this error and scale the gradients "
                            "by the non-finite norm anyway, set `error_if_nonfinite=False`")
-    coef = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
-    torch._foreach_mul_(grads, coef)
+    coef = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)  # float32, as torch computes it
+    if not total.is_cpu:
+        torch._foreach_mul_(grads, coef)  # stays on the device: no sync
+        return total
+    c = coef.item()
+    if c == 1.0:
+        return total  # x * 1.0 is x, bit for bit: the pass over every gradient changes nothing
+    if fast is not None and _k().scale_list(fast, c, _threads(None)):
+        torch._C._increment_version(grads)  # written through pointers: autograd's counters, as torch's mul_ would
+    else:
+        torch._foreach_mul_(grads, coef)
     return total

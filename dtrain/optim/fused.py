@@ -108,6 +108,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
         for b, gs in zip(calls, grads):
             if self._update(b, [g.data_ptr() for g in gs], inv_scale, threads, check):
                 self.skipped_steps += 1
+            else:
+                # The kernels write through data pointers, which autograd cannot see: tell it,
+                # as torch's own in-place ops do, so a graph that saved a parameter before this
+                # step raises "modified by an inplace operation" at backward instead of
+                # differentiating the new values.
+                torch._C._increment_version(b.params)
         return loss
 
     def _plan(self, gi: int, group: Dict[str, Any], live: List[torch.Tensor]) -> List["_Batch"]:

@@ -232,6 +232,31 @@ def test_check_finite_skips_the_whole_step(cls):
     assert opt.skipped_steps == 2 and all(torch.equal(a, b.detach()) for a, b in zip(before, params))
 
 
+@pytest.mark.parametrize("cls,torch_cls", [(FusedAdam, torch.optim.Adam), (FusedSGD, torch.optim.SGD)])
+def test_a_step_between_forward_and_backward_is_caught_by_autograd_as_with_torch(cls, torch_cls):
+    # The kernels write through pointers; the step still counts as an in-place change of
+    # every parameter, so backward through a graph that saved one raises, as with torch.
+    for make in (cls, torch_cls):
+        w = torch.randn(4, 3, requires_grad=True)
+        w.grad = torch.randn_like(w)
+        opt = make([w], lr=0.1)
+        loss = (w * w).sum()  # saves w for backward
+        version = w._version
+        opt.step()
+        assert w._version > version
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
+def test_a_skipped_step_leaves_the_parameters_version_alone():
+    w = torch.randn(5, requires_grad=True)
+    w.grad = torch.full_like(w, float("nan"))
+    opt = FusedAdam([w], check_finite=True)
+    version = w._version
+    opt.step()
+    assert opt.skipped_steps == 1 and w._version == version
+
+
 def test_grad_scaler_drives_the_fused_step():
     """torch.amp.GradScaler hands the scale to the kernel and skips overflowing steps."""
     torch.manual_seed(0)

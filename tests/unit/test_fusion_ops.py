@@ -158,6 +158,76 @@ def test_clip_grad_norm_matches_torch(norm_type, max_norm):
         ops.clip_grad_norm_([p], 1.0, error_if_nonfinite=True)
 
 
+def test_clip_grad_norm_leaves_grads_unwritten_when_nothing_is_clipped_and_spreads_nan_as_torch():
+    def grads(values):
+        ps = [torch.zeros(len(v), requires_grad=True) for v in values]
+        for p, v in zip(ps, values):
+            p.grad = torch.tensor(v)
+        return ps
+    values = [[3.0, -4.0], [], [1e-3, 2.0, -0.0]]
+    ps = grads(values)
+    before = [p.grad._version for p in ps]
+    assert math.isclose(float(ops.clip_grad_norm_(ps, 100.0)), math.sqrt(25 + 1e-6 + 4), rel_tol=1e-6)
+    assert [p.grad._version for p in ps] == before  # no in-place pass over them
+    assert all(torch.equal(p.grad, torch.tensor(v)) for p, v in zip(ps, values))
+    ps = grads(values)
+    ops.clip_grad_norm_(ps, 1.0)
+    assert all(p.grad._version > b for p, b in zip(ps, before))  # scaled in C++: autograd is told
+    nan_values = [[1.0, float("nan")], [2.0]]
+    a, b = grads(nan_values), grads(nan_values)
+    ta, tb = ops.clip_grad_norm_(a, 1e6), torch.nn.utils.clip_grad_norm_(b, 1e6)
+    assert math.isnan(float(ta)) and math.isnan(float(tb))
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p.grad, q.grad, equal_nan=True)
+        assert torch.isnan(p.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("sizes", [[0], [1], [7, 0, 130], [33] * 120])
+def test_clipping_scales_each_dtype_as_torchs_multiply(dtype, sizes):
+    torch.manual_seed(len(sizes))
+    values = [torch.randn(n).to(dtype) * 10 for n in sizes]
+    a = [torch.zeros(n, dtype=dtype, requires_grad=True) for n in sizes]
+    b = [torch.zeros(n, dtype=dtype, requires_grad=True) for n in sizes]
+    for p, q, v in zip(a, b, values):
+        p.grad, q.grad = v.clone(), v.clone()
+    ta, tb = ops.clip_grad_norm_(a, 0.25), torch.nn.utils.clip_grad_norm_(b, 0.25)
+    # torch returns a half-precision norm for half grads; dtrain's is float32, from double sums
+    torch.testing.assert_close(ta, tb.float(), rtol=1e-5 if dtype == torch.float32 else 4e-3, atol=0)
+    coef = torch.clamp(0.25 / (ta + 1e-6), max=1.0)
+    for p, v in zip(a, values):  # the grads are v * coef, computed as torch computes it
+        assert torch.equal(p.grad, v * coef)
+
+
+def test_clipping_a_tensor_listed_twice_scales_it_twice_as_torch_does():
+    g = torch.randn(1000)
+    p = torch.zeros(1000, requires_grad=True)
+    q = torch.zeros(1000, requires_grad=True)
+    p.grad, q.grad = g.clone(), g.clone()
+    view = p.grad[500:]  # and a view overlapping it
+    holder = torch.zeros(500, requires_grad=True)
+    holder.grad = view
+    ref_holder = torch.zeros(500, requires_grad=True)
+    ref_holder.grad = q.grad[500:]
+    ops.clip_grad_norm_([p, p, holder], 1.0)
+    torch.nn.utils.clip_grad_norm_([q, q, ref_holder], 1.0)
+    torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)
+
+
+def test_pack_into_out_and_unpack_count_as_in_place_writes_for_autograd():
+    ts = [torch.randn(5), torch.randn(3, 2)]
+    out = torch.empty(11, dtype=torch.float16)
+    v = out._version
+    ops.pack(ts, dtype=torch.float16, out=out)
+    assert out._version > v
+    w = torch.randn(5, requires_grad=True)
+    loss = (w * w).sum()  # saves w
+    with torch.no_grad():
+        ops.unpack(torch.ones(5), [w], accumulate=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 # The C++ reader (csrc/bindings/tensor_list.h) takes contiguous float CPU torch.Tensor and
 # Parameter objects; anything else goes back to the Python checks, which copy or raise.
 def _reader():

@@ -193,6 +193,20 @@ NormPart norm(DType dt, const void* x, int64_t n) {
   }
 }
 
+// x = cast(x * s) in place (one load and one store per element: no pointer may alias it).
+template <class T>
+void scaleLoop(T* __restrict x, int64_t n, float s) {
+  for (int64_t i = 0; i < n; ++i) store(x[i], toFloat(x[i]) * s);
+}
+
+void scale(DType dt, void* x, int64_t n, float s) {
+  switch (dt) {
+    case DType::kFloat16: return scaleLoop(static_cast<F16*>(x), n, s);
+    case DType::kBFloat16: return scaleLoop(static_cast<BF16*>(x), n, s);
+    default: return scaleLoop(static_cast<float*>(x), n, s);
+  }
+}
+
 CpuTable table(const char* name) {
-  return CpuTable{name, &adam, &sgd, &finite, &convert, &norm, &geluFwd, &geluBwd, &lnFwd, &lnBwd};
+  return CpuTable{name, &adam, &sgd, &finite, &convert, &norm, &scale, &geluFwd, &geluBwd, &lnFwd, &lnBwd};
 }

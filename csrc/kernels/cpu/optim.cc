@@ -176,6 +176,16 @@ void unpackTensors(const void* flat, DType flatType, const std::vector<void*>& d
   });
 }
 
+void scaleTensors(const std::vector<void*>& x, const std::vector<int64_t>& numel, DType dt, float s, int threads) {
+  checkFloat(dt, "scaled tensors");
+  DTRAIN_CHECK(x.size() == numel.size(), kConfig, x.size(), " tensors but ", numel.size(), " sizes");
+  const CpuTable& k = table();
+  parallel(piecesOf(numel), threads, [&](const Piece& p) {
+    k.scale(dt, static_cast<uint8_t*>(x[p.tensor]) + p.begin * bytesOf(dt), p.end - p.begin, s);
+    return true;
+  });
+}
+
 NormPart multiTensorNorm(const std::vector<const void*>& x, const std::vector<int64_t>& numel, DType dt, int threads) {
   checkFloat(dt, "tensors of a norm");
   DTRAIN_CHECK(x.size() == numel.size(), kConfig, x.size(), " tensors but ", numel.size(), " sizes");

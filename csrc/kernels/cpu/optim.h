@@ -48,6 +48,9 @@ void unpackTensors(const void* flat, DType flatType, const std::vector<void*>& d
                    DType dstType, float scale, bool accumulate, int threads);
 // Sum of squares (in double) and max |x| over all tensors; nan when any element is NaN.
 NormPart multiTensorNorm(const std::vector<const void*>& x, const std::vector<int64_t>& numel, DType dt, int threads);
+// Every element of every tensor multiplied by `s` in place (computed in float32, rounded
+// back to the tensors' dtype), as torch's x.mul_(s) with a float32 scalar.
+void scaleTensors(const std::vector<void*>& x, const std::vector<int64_t>& numel, DType dt, float s, int threads);
 
 // Outputs of at least this many bytes are written with non-temporal stores (`stream` below):
 // a consumer would not find them in the caches anyway, and a normal store reads each line first.
@@ -63,6 +66,7 @@ struct CpuTable {
   void (*convert)(DType dstType, void* dst, DType srcType, const void* src, int64_t n, float scale, bool add,
                   bool stream);
   NormPart (*norm)(DType, const void* x, int64_t n);
+  void (*scale)(DType, void* x, int64_t n, float s);  // x *= s in place, computed in float32
   // Rows [r0, r1) of `n` elements each (float32 or float64); see nn.h.
   // `stream`: write the output with non-temporal stores (it is larger than the caches).
   void (*geluFwd)(DType, const void* x, const void* b, void* y, int64_t r0, int64_t r1, int64_t n, bool stream);
