@@ -208,8 +208,12 @@ def multi_tensor_norm(tensors: Sequence[torch.Tensor], norm_type: float = 2.0,
     if not isinstance(tensors, (list, tuple)):
         tensors = list(tensors)
     norm_type = float(norm_type)
-    fast = _read(tensors) if norm_type in (2.0, math.inf) else None  # contiguous float CPU tensors
-    if fast is not None:
+    return _norm(tensors, norm_type, threads, _read(tensors) if norm_type in (2.0, math.inf) else None)
+
+
+def _norm(tensors: Sequence[torch.Tensor], norm_type: float, threads: Optional[int], fast) -> torch.Tensor:
+    """multi_tensor_norm, given the tensors already read by _read (or None: its checks)."""
+    if fast is not None and norm_type in (2.0, math.inf):
         return _norm_of(*_k().norm_list(fast, _threads(threads)), norm_type)
     tensors = [t.contiguous() for t in tensors]
     _check(tensors, "multi_tensor_norm")
@@ -270,10 +274,7 @@ def clip_grad_norm_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], max
         return torch.tensor(0.0)
     norm_type = float(norm_type)
     fast = _read(grads)  # contiguous float CPU grads: read once, for the norm and the scaling
-    if fast is not None and norm_type in (2.0, math.inf):
-        total = _norm_of(*_k().norm_list(fast, _threads(None)), norm_type)
-    else:
-        total = multi_tensor_norm(grads, norm_type)
+    total = _norm(grads, norm_type, None, fast)
     if error_if_nonfinite and not torch.isfinite(total):
         raise RuntimeError(f"The total norm of order {float(norm_type)} for gradients from `parameters` is "
                            "non-finite, so it cannot be clipped. To disable this error and scale the gradients "
