@@ -7,14 +7,33 @@ namespace dtrain {
 namespace {
 
 // A new reference, or nullptr with the Python error cleared (the caller falls back).
+// The C function behind a method descriptor is called directly when its calling
+// convention is one of the two below (skipping the descriptor's own call machinery),
+// else through the descriptor.
 PyObject* callMethod(PyObject* descr, PyObject* self) {
-  PyObject* r = PyObject_Vectorcall(descr, &self, 1, nullptr);
+  const PyMethodDef* m = reinterpret_cast<PyMethodDescrObject*>(descr)->d_method;
+  PyObject* r;
+  switch (m->ml_flags) {
+    case METH_NOARGS:
+      r = m->ml_meth(self, nullptr);
+      break;
+    case METH_VARARGS | METH_KEYWORDS: {
+      static PyObject* const empty = PyTuple_New(0);  // immortal enough: held for the process
+      r = reinterpret_cast<PyCFunctionWithKeywords>(reinterpret_cast<void (*)()>(m->ml_meth))(self, empty, nullptr);
+      break;
+    }
+    default:
+      r = PyObject_Vectorcall(descr, &self, 1, nullptr);
+  }
   if (!r) PyErr_Clear();
   return r;
 }
 
+// The getter behind a getset descriptor, called directly.
 PyObject* getAttr(PyObject* descr, PyObject* self) {
-  PyObject* r = Py_TYPE(descr)->tp_descr_get(descr, self, reinterpret_cast<PyObject*>(Py_TYPE(self)));
+  const PyGetSetDef* g = reinterpret_cast<PyGetSetDescrObject*>(descr)->d_getset;
+  PyObject* r = g->get ? g->get(self, g->closure)
+                       : Py_TYPE(descr)->tp_descr_get(descr, self, reinterpret_cast<PyObject*>(Py_TYPE(self)));
   if (!r) PyErr_Clear();
   return r;
 }
