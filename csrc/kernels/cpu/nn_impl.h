@@ -260,11 +260,18 @@ DTRAIN_NO_MULADD inline void lnRowGradSums(const T* __restrict dy, const T* __re
 }
 
 // dx of one row, stored straight into dx (float rows with `stream`: non-temporal stores from
-// the first 64-byte boundary), and its dy * xhat and dy added into the column sums.
+// the first 64-byte boundary), and its dy * xhat and dy added into the column sums. This pass
+// reads dy and x from L1, so the memory would sit idle under it: it prefetches the next row's
+// dy and x (nextDy/nextX, a line of each per vector), which the next row's sums then find in
+// cache. [4096, 1024] float32 fwd+bwd against torch, 4 alternating rounds: one thread
+// 1.12-1.20x -> 1.26-1.30x, two 1.21-1.29x -> 1.38-1.61x. The same in the forward's output
+// pass measured no gain, and processing the backward's rows last to first (to find the
+// forward's latest rows of x in L3) measured far slower.
 template <class T>
 DTRAIN_NO_MULADD inline void lnRowGrad(const T* __restrict dy, const T* __restrict x, const T* __restrict w,
                                        T* __restrict dx, T* __restrict accW, T* __restrict accB, int64_t n, T mu,
-                                       T rs, T mg, T mgx, bool stream) {
+                                       T rs, T mg, T mgx, bool stream, const T* nextDy = nullptr,
+                                       const T* nextX = nullptr) {
   auto one = [&](int64_t c) {
     const T d = dy[c];
     const T xh = (x[c] - mu) * rs;
@@ -281,6 +288,10 @@ DTRAIN_NO_MULADD inline void lnRowGrad(const T* __restrict dy, const T* __restri
       const __m512 m = _mm512_set1_ps(mu), r = _mm512_set1_ps(rs), vg = _mm512_set1_ps(mg),
                    vgx = _mm512_set1_ps(mgx), ones = _mm512_set1_ps(1.f);
       for (; c + 16 <= n; c += 16) {
+        if (nextDy) {
+          _mm_prefetch(reinterpret_cast<const char*>(nextDy + c), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(nextX + c), _MM_HINT_T0);
+        }
         const __m512 d = _mm512_loadu_ps(dy + c);
         const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + c), m), r);
         const __m512 g = _mm512_mul_ps(d, w ? _mm512_loadu_ps(w + c) : ones);
@@ -297,6 +308,10 @@ DTRAIN_NO_MULADD inline void lnRowGrad(const T* __restrict dy, const T* __restri
       const __m256 m = _mm256_set1_ps(mu), r = _mm256_set1_ps(rs), vg = _mm256_set1_ps(mg),
                    vgx = _mm256_set1_ps(mgx), ones = _mm256_set1_ps(1.f);
       for (; c + 8 <= n; c += 8) {
+        if (nextDy) {  // twice per line: the second finds it in flight
+          _mm_prefetch(reinterpret_cast<const char*>(nextDy + c), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(nextX + c), _MM_HINT_T0);
+        }
         const __m256 d = _mm256_loadu_ps(dy + c);
         const __m256 xh = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + c), m), r);
         const __m256 g = _mm256_mul_ps(d, w ? _mm256_loadu_ps(w + c) : ones);
@@ -320,7 +335,8 @@ void lnBwdRows(const T* __restrict dy, const T* __restrict x, const T* __restric
     const T *dyr = dy + r * n, *xr = x + r * n;
     T mg, mgx;
     lnRowGradSums(dyr, xr, w, n, mean[r], rstd[r], &mg, &mgx);
-    lnRowGrad(dyr, xr, w, dx + r * n, accW, accB, n, mean[r], rstd[r], mg, mgx, stream);
+    lnRowGrad(dyr, xr, w, dx + r * n, accW, accB, n, mean[r], rstd[r], mg, mgx, stream,
+              r + 1 < r1 ? dyr + n : nullptr, xr + n);
   }
   streamFence(stream);
   for (int64_t c = 0; c < n; ++c) {
