@@ -335,8 +335,9 @@ void lnBwdRows(const T* __restrict dy, const T* __restrict x, const T* __restric
     const T *dyr = dy + r * n, *xr = x + r * n;
     T mg, mgx;
     lnRowGradSums(dyr, xr, w, n, mean[r], rstd[r], &mg, &mgx);
-    lnRowGrad(dyr, xr, w, dx + r * n, accW, accB, n, mean[r], rstd[r], mg, mgx, stream,
-              r + 1 < r1 ? dyr + n : nullptr, xr + n);
+    const bool next = r + 1 < r1;
+    lnRowGrad(dyr, xr, w, dx + r * n, accW, accB, n, mean[r], rstd[r], mg, mgx, stream, next ? dyr + n : nullptr,
+              next ? xr + n : nullptr);
   }
   streamFence(stream);
   for (int64_t c = 0; c < n; ++c) {
