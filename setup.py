@@ -30,7 +30,8 @@ def _flag(name, default="0"):
 
 def _cxx_sources():
     files = glob.glob(os.path.join("csrc", "**", "*.cc"), recursive=True)
-    return sorted(f for f in files if os.sep + "cuda" + os.sep not in f)
+    # csrc/jit: compiled at run time against the installed torch (dtrain.ops._torch_reader)
+    return sorted(f for f in files if os.sep + "cuda" + os.sep not in f and os.sep + "jit" + os.sep not in f)
 
 
 def _nvcc():
@@ -89,25 +90,27 @@ class BuildExt(build_ext):
         super().build_extension(ext)
 
 
-def _nvrtc_sources(rel="kernels/cuda/device.cuh", seen=None):
-    """device.cuh and every header it includes with quotes, transitively (paths under csrc/):
-    the text dtrain.ops._nvrtc hands NVRTC on a machine whose dtrain was built without nvcc."""
+def _runtime_sources(rel="kernels/cuda/device.cuh", seen=None):
+    """`rel` and every header it includes with quotes, transitively (paths under csrc/): what
+    is compiled at run time from an install (for kernels/cuda/device.cuh, the text
+    dtrain.ops._nvrtc hands NVRTC on a machine whose dtrain was built without nvcc)."""
     seen = [] if seen is None else seen
     if rel not in seen:
         seen.append(rel)
         with open(os.path.join(ROOT, "csrc", rel)) as f:
             for inc in re.findall(r'^#include "([^"]+)"', f.read(), flags=re.M):
-                _nvrtc_sources(inc, seen)
+                _runtime_sources(inc, seen)
     return seen
 
 
 class BuildPy(build_py):
-    """Also ships the CUDA kernel sources as dtrain/_csrc, where dtrain.ops._nvrtc looks for
-    them in an install that is not the source tree (a wheel, pip install .)."""
+    """Also ships the sources compiled at run time as dtrain/_csrc, where dtrain.ops._nvrtc
+    (the CUDA kernels) and dtrain.ops._torch_reader (csrc/jit) look for them in an install
+    that is not the source tree (a wheel, pip install .)."""
 
     def run(self):
         super().run()
-        for rel in _nvrtc_sources():
+        for rel in _runtime_sources() + _runtime_sources("jit/torch_reader.cc"):
             dst = os.path.join(self.build_lib, "dtrain", "_csrc", rel)
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             shutil.copyfile(os.path.join(ROOT, "csrc", rel), dst)

@@ -134,6 +134,14 @@ void bindKernels(py::module_& m) {
         },
         py::arg("tensor_type"), py::arg("parameter_type"), py::arg("dtypes"),
         "Takes torch.Tensor's descriptors for read_tensors; False when they are not what it expects.");
+  m.def("use_torch_reader", [](uintptr_t read, int abi) { return reader.useTorchReader(read, abi); },
+        py::arg("read"), py::arg("abi"),
+        "Reads tensors through `read` (the address of csrc/jit/torch_reader.cc's dtrain_torch_read, built for "
+        "reader ABI `abi`) from now on (0: through torch.Tensor's descriptors again); False when bind_tensor_type "
+        "has not succeeded or the ABI differs.");
+  m.def("using_torch_reader", [] { return reader.usingTorchReader(); },
+        "True once use_torch_reader has taken a reader.");
+  m.attr("TORCH_READER_ABI") = kTorchReaderAbi;
   m.def("read_tensors",
         [](py::handle seq) -> py::object {
           std::optional<TensorList> t = reader.read(seq);

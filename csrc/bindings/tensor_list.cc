@@ -56,11 +56,12 @@ PyObject* descriptor(py::handle type, const char* name, PyTypeObject* kind) {
 
 bool TensorReader::bind(py::handle tensorType, py::handle parameterType, py::dict dtypes) {
   if (bound_) return true;
-  PyObject* d[5] = {descriptor(tensorType, "data_ptr", &PyMethodDescr_Type),
+  PyObject* d[6] = {descriptor(tensorType, "data_ptr", &PyMethodDescr_Type),
                     descriptor(tensorType, "nbytes", &PyGetSetDescr_Type),
                     descriptor(tensorType, "is_contiguous", &PyMethodDescr_Type),
                     descriptor(tensorType, "dtype", &PyGetSetDescr_Type),
-                    descriptor(tensorType, "is_cpu", &PyGetSetDescr_Type)};
+                    descriptor(tensorType, "is_cpu", &PyGetSetDescr_Type),
+                    descriptor(tensorType, "is_neg", &PyMethodDescr_Type)};
   bool ok = PyType_Check(tensorType.ptr()) && PyType_Check(parameterType.ptr());
   for (PyObject* x : d) ok = ok && x;
   if (!ok) {
@@ -68,7 +69,7 @@ bool TensorReader::bind(py::handle tensorType, py::handle parameterType, py::dic
     return false;
   }
   // Held for the life of the process, as the module's own objects are.
-  dataPtr_ = d[0], nbytes_ = d[1], contiguous_ = d[2], dtype_ = d[3], isCpu_ = d[4];
+  dataPtr_ = d[0], nbytes_ = d[1], contiguous_ = d[2], dtype_ = d[3], isCpu_ = d[4], isNeg_ = d[5];
   tensorType_ = tensorType.inc_ref().ptr();
   parameterType_ = parameterType.inc_ref().ptr();
   for (auto item : dtypes) dtypes_.emplace_back(item.first.inc_ref().ptr(), item.second.cast<DType>());
@@ -80,12 +81,14 @@ std::optional<TensorList> TensorReader::read(py::handle seq) const {
   if (!bound_ || !(PyList_Check(seq.ptr()) || PyTuple_Check(seq.ptr()))) return std::nullopt;
   // A tuple of the items: a torch function mode active in this thread would run Python
   // code inside the calls below, which could change a list while we walk it.
+  // (The torch reader runs no Python code, but the tuple also gives it one array of items.)
   auto items = py::reinterpret_steal<py::object>(PySequence_Tuple(seq.ptr()));
   if (!items) {
     PyErr_Clear();
     return std::nullopt;
   }
   const Py_ssize_t n = PyTuple_GET_SIZE(items.ptr());
+  if (torchRead_) return readWithTorch(items.ptr(), n);
   TensorList out;
   out.count = size_t(n);
   PyObject* runDtype = nullptr;
@@ -107,6 +110,10 @@ std::optional<TensorList> TensorReader::read(py::handle seq) const {
     }
     auto contiguous = py::reinterpret_steal<py::object>(callMethod(contiguous_, t));
     if (contiguous.ptr() != Py_True) return std::nullopt;
+    // A negated view (torch._neg_view, a complex tensor's .conj().imag) shares its base's
+    // memory: read through the pointer it would give the values' negation.
+    auto neg = py::reinterpret_steal<py::object>(callMethod(isNeg_, t));
+    if (neg.ptr() != Py_False) return std::nullopt;
     auto ptr = py::reinterpret_steal<py::object>(callMethod(dataPtr_, t));
     auto nbytes = py::reinterpret_steal<py::object>(getAttr(nbytes_, t));
     if (!ptr || !nbytes || !PyLong_Check(ptr.ptr()) || !PyLong_Check(nbytes.ptr())) return std::nullopt;
@@ -123,6 +130,36 @@ std::optional<TensorList> TensorReader::read(py::handle seq) const {
     run.numel.push_back(k);
     run.total += k;
     out.total += k;
+  }
+  return out;
+}
+
+bool TensorReader::useTorchReader(uintptr_t read, int abi) {
+  if (!bound_ || (read && abi != kTorchReaderAbi)) return false;
+  torchRead_ = reinterpret_cast<TorchReadFn>(read);
+  return true;
+}
+
+std::optional<TensorList> TensorReader::readWithTorch(PyObject* items, Py_ssize_t n) const {
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* type = reinterpret_cast<PyObject*>(Py_TYPE(PyTuple_GET_ITEM(items, i)));
+    if (type != tensorType_ && type != parameterType_) return std::nullopt;
+  }
+  std::vector<TorchTensorInfo> info(static_cast<size_t>(n));
+  if (n && torchRead_(&PyTuple_GET_ITEM(items, 0), n, info.data()) != n) return std::nullopt;
+  TensorList out;
+  out.count = size_t(n);
+  int32_t runDtype = -1;
+  for (const TorchTensorInfo& t : info) {
+    if (t.dtype != runDtype) {
+      runDtype = t.dtype;
+      out.runs.push_back(TensorRun{static_cast<DType>(t.dtype), {}, {}, 0});
+    }
+    TensorRun& run = out.runs.back();
+    run.ptr.push_back(t.ptr);
+    run.numel.push_back(t.numel);
+    run.total += t.numel;
+    out.total += t.numel;
   }
   return out;
 }

@@ -14,7 +14,7 @@ from typing import Iterable, List, Optional, Sequence, Union
 import torch
 
 from dtrain.errors import ConfigError
-from dtrain.ops import _cuda
+from dtrain.ops import _cuda, _torch_reader
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -44,6 +44,8 @@ def _read(tensors: Sequence[torch.Tensor]):
     if _reader_bound is None:
         _dt(torch.float32)
         _reader_bound = _k().bind_tensor_type(torch.Tensor, torch.nn.Parameter, dict(_DTYPES))
+        if _reader_bound:
+            _torch_reader.start(_k().use_torch_reader)  # reads through torch's C++ objects once built
     return _k().read_tensors(tensors) if _reader_bound else None
 
 
@@ -113,6 +115,13 @@ def _gather(tensors: Sequence[torch.Tensor], what: str, copy: bool):
                 raise ConfigError(f"{what} writes in place, so tensor {i} (shape {tuple(t.shape)}) must be "
                                   "contiguous")
             t = t.contiguous()
+            keep.append(t)
+        if t.is_neg():  # a negated view: its memory holds the values' negation
+            if not copy:
+                raise ConfigError(f"{what} writes in place, so tensor {i} must not be a negated view "
+                                  "(is_neg(): it shares its base's memory, holding the negation); pass "
+                                  "t.resolve_neg() and copy the result back")
+            t = t.resolve_neg()
             keep.append(t)
         ptrs.append(t.data_ptr())
         sizes.append(t.numel())
@@ -215,7 +224,7 @@ def _norm(tensors: Sequence[torch.Tensor], norm_type: float, threads: Optional[i
     """multi_tensor_norm, given the tensors already read by _read (or None: its checks)."""
     if fast is not None and norm_type in (2.0, math.inf):
         return _norm_of(*_k().norm_list(fast, _threads(threads)), norm_type)
-    tensors = [t.contiguous() for t in tensors]
+    tensors = [t.resolve_neg().contiguous() for t in tensors]  # the kernels read memory as it lies
     _check(tensors, "multi_tensor_norm")
     if norm_type not in (2.0, math.inf):  # other orders: torch's norms, per tensor then together
         if not tensors:

@@ -34,8 +34,8 @@ def _dt(t: torch.Tensor):
 def _ours(*ts: Optional[torch.Tensor]) -> bool:
     """Whether dtrain's kernels take these tensors (else torch's ops run)."""
     first = ts[0]
-    if not all(t is None or (t.dtype == first.dtype and t.device == first.device) for t in ts):
-        return False
+    if not all(t is None or (t.dtype == first.dtype and t.device == first.device and not t.is_neg()) for t in ts):
+        return False  # (a negated view's memory holds the negation of its values: torch's ops resolve it)
     if first.device.type == "cpu":
         return first.dtype in (torch.float32, torch.float64)
     return (first.device.type == "cuda" and first.dtype in (torch.float32, torch.float16, torch.bfloat16)
@@ -82,7 +82,7 @@ class _BiasGelu(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         x, bias = ctx.saved_tensors
-        dy = dy.contiguous()
+        dy = dy.resolve_neg().contiguous()  # a negated view's memory holds -dy
         dx = torch.empty_like(x)
         db = torch.empty_like(bias)
         n = bias.numel()
@@ -146,7 +146,7 @@ class _LayerNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, w, mean, rstd = ctx.saved_tensors
-        dy = dy.contiguous()
+        dy = dy.resolve_neg().contiguous()  # a negated view's memory holds -dy
         dx = torch.empty_like(x)
         need_w = ctx.has[0] and ctx.needs_input_grad[1]
         need_b = ctx.has[1] and ctx.needs_input_grad[2]

@@ -229,17 +229,31 @@ def test_pack_into_out_and_unpack_count_as_in_place_writes_for_autograd():
 
 
 # The C++ reader (csrc/bindings/tensor_list.h) takes contiguous float CPU torch.Tensor and
-# Parameter objects; anything else goes back to the Python checks, which copy or raise.
-def _reader():
+# Parameter objects; anything else goes back to the Python checks, which copy or raise. It
+# reads them through the library dtrain.ops._torch_reader compiles against this torch (the
+# build of this machine's first fused call; it must succeed where dtrain itself built) or,
+# before that or without it, through torch.Tensor's descriptors: every test below runs on both.
+@pytest.fixture(params=["torch", "descriptors"])
+def reader(request):
     from dtrain import _C
-    from dtrain.ops import fusion
-    fusion._read([])  # binds it on first use
+    from dtrain.ops import _torch_reader, fusion
+    fusion._read([])  # binds it on first use, and starts the torch reader's build
     assert fusion._reader_bound, "the reader did not bind to this torch's Tensor type"
-    return _C.kernels.read_tensors
+    assert _torch_reader.wait(600), f"the torch reader is not in use: {_torch_reader.state()}"
+    k = _C.kernels
+    if request.param == "torch":
+        assert k.using_torch_reader()
+        yield k.read_tensors
+        return
+    assert k.use_torch_reader(0, k.TORCH_READER_ABI) and not k.using_torch_reader()
+    try:
+        yield k.read_tensors
+    finally:
+        assert k.use_torch_reader(_torch_reader.address(), k.TORCH_READER_ABI)
 
 
-def test_the_reader_reads_tensors_and_parameters_in_runs_of_one_dtype():
-    read = _reader()
+def test_the_reader_reads_tensors_and_parameters_in_runs_of_one_dtype(reader):
+    read = reader
     from dtrain import _C
     ts = [torch.randn(3), torch.nn.Parameter(torch.randn(2, 2)), torch.zeros(0), torch.randn(5).half(),
           torch.randn(1, dtype=torch.bfloat16), torch.randn(4, dtype=torch.bfloat16), torch.randn(7)]
@@ -256,25 +270,28 @@ class _Marked(torch.Tensor):
     pass
 
 
-@pytest.mark.parametrize("odd", ["non-contiguous", "float64", "int32", "subclass", "not a tensor", "meta"])
-def test_the_reader_hands_back_what_it_cannot_read_in_place(odd):
-    read = _reader()
+@pytest.mark.parametrize("odd", ["non-contiguous", "float64", "int32", "subclass", "not a tensor", "meta",
+                                 "negated view", "sparse", "undefined grad"])
+def test_the_reader_hands_back_what_it_cannot_read_in_place(reader, odd):
+    read = reader
     make = {"non-contiguous": lambda: torch.randn(4, 3).t(), "float64": lambda: torch.randn(3, dtype=torch.float64),
             "int32": lambda: torch.arange(3, dtype=torch.int32), "subclass": lambda: torch.randn(3).as_subclass(_Marked),
-            "not a tensor": lambda: [1.0, 2.0], "meta": lambda: torch.empty(3, device="meta")}[odd]
+            "not a tensor": lambda: [1.0, 2.0], "meta": lambda: torch.empty(3, device="meta"),
+            "negated view": lambda: torch._neg_view(torch.randn(3)),
+            "sparse": lambda: torch.randn(3).to_sparse(), "undefined grad": lambda: torch.randn(3).grad}[odd]
     ts = [torch.randn(5), make(), torch.randn(2)]
     assert read(ts) is None
     assert read(iter(ts)) is None  # only lists and tuples
 
 
-def test_pack_unpack_and_norm_agree_on_both_paths():
+def test_pack_unpack_and_norm_agree_on_both_paths(reader):
     """The same tensors through the C++ reader and, with one tensor made non-contiguous,
     through the Python checks: identical results."""
     shapes = [(i % 11 + 1, i % 3 + 2) for i in range(60)]
     fast = tensors(shapes, seed=5) + [torch.nn.Parameter(torch.randn(9, 4))]
     slow = [t.detach().clone() for t in fast]
     slow[-1] = slow[-1].t().contiguous().t()  # same values, transposed strides
-    assert _reader()(fast) is not None and _reader()(slow) is None
+    assert reader(fast) is not None and reader(slow) is None
     for dt in FLOATS:
         assert torch.equal(ops.pack(fast, dtype=dt, scale=0.5), ops.pack(slow, dtype=dt, scale=0.5))
     assert torch.equal(ops.multi_tensor_norm(fast), ops.multi_tensor_norm(slow))
@@ -289,6 +306,33 @@ def test_pack_unpack_and_norm_agree_on_both_paths():
         want = before.detach() + flat[off:off + t.numel()].float().view(t.shape) * 2.0
         assert torch.equal(t, want)
         off += t.numel()
+
+
+def test_negated_views_are_packed_as_their_values_and_never_unpacked_into(reader):
+    """A negated view (torch._neg_view; a complex tensor's .conj().imag) holds the negation
+    of its values in its base's memory: read through its pointer it would pack -x."""
+    base = torch.randn(6)
+    neg = torch._neg_view(base)
+    imag = torch.randn(4, dtype=torch.complex64).conj().imag
+    assert neg.is_neg() and imag.is_neg()
+    ts = [torch.randn(3), neg, imag, torch.randn(2)]
+    assert reader(ts) is None
+    assert torch.equal(ops.pack(ts), torch.cat(ts))
+    assert torch.equal(ops.pack(ts, dtype=torch.float16, scale=0.5), (torch.cat(ts) * 0.5).half())
+    with pytest.raises(ConfigError, match="tensor 1 must not be a negated view.*resolve_neg"):
+        ops.unpack(torch.ones(15), ts)
+    assert torch.equal(ops.pack([base]), base)  # left as it was
+
+
+def test_unpack_into_a_lazy_clone_writes_the_clone_not_its_source(reader):
+    """A lazy clone shares its source's storage, copy-on-write: the pointer the kernels
+    write through must be the clone's own (torch materialises it on a mutable access)."""
+    a = torch.randn(5)
+    before = a.clone()
+    b = torch._lazy_clone(a)
+    assert reader([b]) is not None
+    ops.unpack(torch.ones(5), [b], accumulate=True)
+    assert torch.equal(a, before) and torch.equal(b, before + 1)
 
 
 def test_pack_takes_any_iterable_and_checks_out_on_the_fast_path():
