@@ -18,9 +18,16 @@ import torch.nn.functional as F
 from dtrain import _C, ops
 from dtrain.errors import ConfigError
 from dtrain.nn import FusedLayerNorm
+from dtrain.ops import nn as nn_ops
 from tests.multiproc.harness import REPO
 
 SHAPES = [(1, 1), (3, 7), (257, 33), (2, 5, 64), (1031, 1024), (0, 16)]
+
+
+@pytest.fixture(autouse=True)
+def _fused_at_every_size(monkeypatch):
+    """fused_layer_norm leaves small CPU inputs to torch; these tests check its kernels on them."""
+    monkeypatch.setattr(nn_ops, "TORCH_BELOW", 0)
 
 
 def close(a, b, rel=1e-5):
@@ -182,3 +189,19 @@ def test_the_other_instruction_sets_agree_with_torch_and_stream_the_same_bits(is
                         " or ".join(tests)], capture_output=True, text=True, timeout=300, cwd=REPO,
                        env=dict(os.environ, DTRAIN_ISA=isa, PYTHONPATH=REPO))
     assert p.returncode == 0 and " passed" in p.stdout, p.stdout[-3000:] + p.stderr[-2000:]
+
+
+def test_small_cpu_inputs_run_torchs_layer_norm_and_large_ones_the_fused_kernel(monkeypatch):
+    """Under TORCH_BELOW elements torch's kernel is the faster one: its result, bit for bit,
+    and its backward node; at or above it, dtrain's Function."""
+    monkeypatch.setattr(nn_ops, "TORCH_BELOW", 64)
+    w, b = torch.randn(16, requires_grad=True), torch.randn(16, requires_grad=True)
+    small = torch.randn(3, 16, requires_grad=True)
+    y = ops.fused_layer_norm(small, w, b)
+    assert torch.equal(y, F.layer_norm(small, (16,), w, b))
+    assert "NativeLayerNorm" in type(y.grad_fn).__name__
+    large = torch.randn(4, 16, requires_grad=True)
+    y = ops.fused_layer_norm(large, w, b)
+    assert type(y.grad_fn).__name__ == "_LayerNormBackward"
+    close(y, F.layer_norm(large, (16,), w, b))
+    assert "NativeLayerNorm" in type(FusedLayerNorm(16)(small).grad_fn).__name__  # the module too
