@@ -150,7 +150,11 @@ def _run(root: str, cxx: str, path: str, use: Callable[[int, int], bool]) -> Non
     try:
         if not os.path.exists(path) and _build(root, cxx, path):
             _log.info("dtrain: compiled its torch tensor reader into %s", path)
-        _install(path, use)
+        try:
+            _install(path, use)
+        except Exception:
+            os.unlink(path)  # a damaged cache entry: the next process builds it anew
+            raise
         _finish(f"in use ({path})")
     except Exception as e:  # noqa: BLE001 - any failure leaves the descriptor path, which is correct
         warnings.warn(f"dtrain could not build its torch tensor reader ({e}); lists of tensors are read through "

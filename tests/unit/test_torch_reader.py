@@ -79,6 +79,18 @@ def test_an_unwritable_cache_fails_cleanly(tmp_path):
     assert "STATE failed:" in out and "could not build its torch tensor reader" in out, out
 
 
+def test_a_damaged_cache_entry_is_refused_with_a_warning_and_removed(tmp_path):
+    from dtrain.ops import _torch_reader
+    path = _torch_reader.library_path(_torch_reader._csrc(), _torch_reader._compiler()).replace(
+        _torch_reader.cache_dir(), str(tmp_path / "torch-reader"))
+    os.makedirs(os.path.dirname(path))
+    with open(path, "wb") as f:
+        f.write(b"not an ELF file")
+    out = _finish(_spawn({"DTRAIN_CACHE_DIR": str(tmp_path)}))
+    assert "STATE failed:" in out and "could not build its torch tensor reader" in out, out
+    assert not os.path.exists(path)
+
+
 def test_an_install_outside_the_source_tree_carries_the_readers_source(tmp_path):
     """setup.py's build_py puts csrc/jit/torch_reader.cc and the headers it includes in
     dtrain/_csrc, where the built package's _torch_reader finds them; the cache key is
