@@ -1,7 +1,7 @@
 """The tensor reader compiled at run time against the installed torch.
 
 dtrain._C includes no torch header, so one build of it serves every torch version; to
-read a list of tensors it calls torch's Python-facing C functions, five of them a tensor
+read a list of tensors it calls torch's Python-facing C functions, six of them a tensor
 (~40 us for 200 tensors, most of a 1M-parameter pack's time). csrc/jit/torch_reader.cc
 reads the same facts from the at::Tensor itself, a few ns a tensor, but has to be compiled
 against the torch it runs with. This module does that, once per torch build:
@@ -10,9 +10,10 @@ against the torch it runs with. This module does that, once per torch build:
   $XDG_CACHE_HOME/dtrain, else ~/.cache/dtrain, under torch-reader/, named by a hash of
   the sources, torch's version and path, Python's ABI and the compiler. Found, it is
   loaded at once.
-- Not found, it is compiled on a background thread (~20 s of one core), under a file lock
-  so that ranks starting together build it once; until it is there, lists are read
-  through the descriptor path, which gives the same answers.
+- Not found, it is compiled (~20 s of one core) by a process of its own session, under a
+  file lock so that ranks starting together build it once; the build finishes even when
+  the job that started it ends first. Until the library is there, lists are read through
+  the descriptor path, which gives the same answers; a background thread loads it then.
 - DTRAIN_TORCH_READER=0 turns it off. Where it cannot be built (no C++ compiler, no
   torch headers), one warning says why and the descriptor path stays.
 
@@ -24,7 +25,9 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import glob
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -84,14 +87,16 @@ def _compiler() -> Optional[str]:
     return None
 
 
-def _command(cxx: str, root: str, std: str, out: str) -> List[str]:
+def _commands(cxx: str, root: str) -> List[List[str]]:
+    """The compile commands to try in turn (C++20, then C++17), with "{out}" for the output."""
     import torch
     tdir = os.path.dirname(torch.__file__)
-    return [cxx, "-O2", f"-std={std}", "-w", "-shared", "-fPIC", "-fvisibility=hidden",
-            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-            "-I", os.path.join(tdir, "include"), "-I", sysconfig.get_paths()["include"], "-I", root,
-            os.path.join(root, _SOURCES[0]), "-o", out,
-            "-L", os.path.join(tdir, "lib"), "-lc10", f"-Wl,-rpath,{os.path.join(tdir, 'lib')}"]
+    return [[cxx, "-O2", f"-std={std}", "-w", "-shared", "-fPIC", "-fvisibility=hidden",
+             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+             "-I", os.path.join(tdir, "include"), "-I", sysconfig.get_paths()["include"], "-I", root,
+             os.path.join(root, _SOURCES[0]), "-o", "{out}",
+             "-L", os.path.join(tdir, "lib"), "-lc10", f"-Wl,-rpath,{os.path.join(tdir, 'lib')}"]
+            for std in ("c++20", "c++17")]
 
 
 def library_path(root: str, cxx: str) -> str:
@@ -107,27 +112,65 @@ def library_path(root: str, cxx: str) -> str:
     return os.path.join(cache_dir(), f"torch_reader-{torch.__version__.replace('+', '_')}-{h.hexdigest()[:16]}.so")
 
 
-def _build(root: str, cxx: str, path: str) -> bool:
-    """Compiles into `path` (True) unless another process did while this one waited for the lock."""
+_BUILT, _FOUND, _FAILED = 0, 3, 1  # the builder's exit statuses
+
+
+def _build(path: str, commands: List[List[str]]) -> int:
+    """Compiles into `path` (_BUILT) unless another process did while this one waited for the
+    lock (_FOUND); raises RuntimeError naming the compiler's complaint."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if os.path.exists(path):
-            return False
+            return _FOUND
+        for stale in glob.glob(glob.escape(path) + ".*.tmp"):  # left by a builder that was killed
+            os.unlink(stale)
         tmp = f"{path}.{os.getpid()}.tmp"
         err = ""
         try:
-            for std in ("c++20", "c++17"):
-                r = subprocess.run(_command(cxx, root, std, tmp), capture_output=True, text=True, timeout=600)
+            for command in commands:
+                r = subprocess.run([tmp if a == "{out}" else a for a in command], capture_output=True, text=True,
+                                   timeout=600)
                 if r.returncode == 0:
                     os.replace(tmp, path)  # whole or absent: a rank never loads a half-written file
-                    return True
-                err = f"exit status {r.returncode}" + (f": ...{(r.stderr or r.stdout).strip()[-600:]}"
-                                                         if (r.stderr or r.stdout).strip() else "")
+                    return _BUILT
+                said = (r.stderr or r.stdout).strip()
+                err = f"exit status {r.returncode}" + (f": ...{said[-600:]}" if said else "")
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        raise RuntimeError(f"{cxx} failed ({err}), compiling {os.path.join(root, _SOURCES[0])}")
+        raise RuntimeError(f"{commands[0][0]} failed ({err}), compiling {commands[0][commands[0].index('-o') - 1]}")
+
+
+class _Builder:
+    """_build in a process of its own session, started at once by the thread that asks for
+    the reader: it finishes (and renames the library into the cache) even when this process
+    exits first, so a job shorter than the compile still leaves the reader for the next.
+    Its complaint, if any, comes back through a log file, which it removes when it succeeds
+    (and the waiting process when it has read it)."""
+
+    def __init__(self, path: str, commands: List[List[str]]):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.log = f"{path}.{os.getpid()}.log"
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), path, json.dumps(commands),
+                                          self.log], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+                                         start_new_session=True)
+
+    def wait(self) -> bool:
+        """True when it compiled, False when another process had; raises when it failed."""
+        said = ""
+        try:
+            rc = self.proc.wait(timeout=1300)
+            if os.path.exists(self.log):  # (the builder removes it when it succeeds)
+                with open(self.log) as log:
+                    said = log.read().strip()
+        finally:
+            if os.path.exists(self.log):
+                os.unlink(self.log)
+        if rc not in (_BUILT, _FOUND):
+            raise RuntimeError(said or f"the builder exited with status {rc}")
+        return rc == _BUILT
 
 
 def _install(path: str, use: Callable[[int, int], bool]) -> None:
@@ -146,9 +189,9 @@ def _finish(state: str) -> None:
     _done.set()
 
 
-def _run(root: str, cxx: str, path: str, use: Callable[[int, int], bool]) -> None:
+def _run(path: str, use: Callable[[int, int], bool], builder: Optional[_Builder] = None) -> None:
     try:
-        if not os.path.exists(path) and _build(root, cxx, path):
+        if builder is not None and builder.wait():
             _log.info("dtrain: compiled its torch tensor reader into %s", path)
         try:
             _install(path, use)
@@ -180,8 +223,22 @@ def start(use: Callable[[int, int], bool]) -> None:
         return _finish("failed: no C++ compiler (c++, g++, clang++ or $CXX) on PATH")
     try:
         path = library_path(root, cxx)
+        builder = None if os.path.exists(path) else _Builder(path, _commands(cxx, root))
     except OSError as e:
+        warnings.warn(f"dtrain could not build its torch tensor reader ({e}); lists of tensors are read through "
+                      "torch's Python API instead. DTRAIN_TORCH_READER=0 stops the attempt.", RuntimeWarning,
+                      stacklevel=3)
         return _finish(f"failed: {e}")
-    if os.path.exists(path):
-        return _run(root, cxx, path, use)
-    threading.Thread(target=_run, args=(root, cxx, path, use), name="dtrain-torch-reader", daemon=True).start()
+    if builder is None:
+        return _run(path, use)
+    threading.Thread(target=_run, args=(path, use, builder), name="dtrain-torch-reader", daemon=True).start()
+
+
+if __name__ == "__main__":  # the builder (_Builder): _torch_reader.py PATH COMMANDS_JSON LOG
+    try:
+        status = _build(sys.argv[1], json.loads(sys.argv[2]))
+        os.unlink(sys.argv[3])  # empty: nothing to report
+        sys.exit(status)
+    except Exception as e:  # noqa: BLE001 - reported to the process waiting for it, through stderr
+        print(f"{e}", file=sys.stderr)
+        sys.exit(_FAILED)

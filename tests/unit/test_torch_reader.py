@@ -8,6 +8,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import time
 
 from tests.multiproc.harness import REPO
 
@@ -56,6 +57,24 @@ def test_two_processes_starting_together_compile_the_reader_once_and_both_use_it
     # A third process finds it in the cache and loads it at once: no compile.
     again = _finish(_spawn({"DTRAIN_CACHE_DIR": str(tmp_path)}))
     assert f"STATE in use ({libs[0]})" in again and "compiled" not in again
+
+
+def test_a_process_that_exits_before_the_compile_ends_still_leaves_the_reader_cached(tmp_path):
+    """The compile runs in a process of its own session: it renames the library into the
+    cache after the job that started it has gone (a job shorter than the compile)."""
+    code = f"import sys; sys.path.insert(0, {REPO!r}); import torch; from dtrain import ops; ops.pack([torch.ones(2)])"
+    t0 = time.monotonic()
+    subprocess.run([sys.executable, "-c", code], env=dict(os.environ, DTRAIN_CACHE_DIR=str(tmp_path)), check=True,
+                   timeout=120)
+    assert time.monotonic() - t0 < 15  # it did not wait for the compile
+    cache = tmp_path / "torch-reader"
+    while not list(cache.glob("*.so")):
+        assert time.monotonic() - t0 < 600, sorted(cache.iterdir())
+        time.sleep(0.5)
+    time.sleep(0.5)  # the builder removes its log after the rename
+    assert not list(cache.glob("*.tmp")) and not list(cache.glob("*.log")), sorted(cache.iterdir())
+    out = _finish(_spawn({"DTRAIN_CACHE_DIR": str(tmp_path)}))
+    assert "STATE in use" in out and "compiled" not in out, out
 
 
 def test_a_compiler_that_fails_leaves_the_descriptor_path_with_one_warning(tmp_path):
