@@ -14,9 +14,11 @@ import dtrain.launch
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def ranks(fn, n, *args, env=None, timeout=180):
-    """fn(*args) on n ranks; returns their results."""
-    return dtrain.launch.run(fn, nprocs=n, args=args, timeout=timeout, env=env)
+def ranks(fn, n, *args, env=None, timeout=180, start_method="forkserver"):
+    """fn(*args) on n ranks; returns their results. The ranks fork from one server that has
+    imported torch (dtrain.launch.run's start_method), so the suite pays torch's import once
+    instead of once a rank; test_launcher covers "spawn"."""
+    return dtrain.launch.run(fn, nprocs=n, args=args, timeout=timeout, env=env, start_method=start_method)
 
 
 def script(tmp_path, body, n, *launcher_args, env=None, timeout=120):

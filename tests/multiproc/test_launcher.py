@@ -1,5 +1,6 @@
 """dtrain-run: prefixes, exit codes, stopping the others, commands and modules; dtrain.launch.run."""
 
+import functools
 import os
 import signal
 import subprocess
@@ -77,11 +78,22 @@ def test_ctrl_c_stops_every_rank(tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_launch_run_returns_each_rank_result_and_reports_tracebacks():
-    assert dtrain.launch.run(workers.env_flag, nprocs=3, args=("DTRAIN_RANK",), timeout=50) == ["0", "1", "2"]
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_launch_run_returns_each_rank_result_and_reports_tracebacks(start_method, monkeypatch):
+    run = functools.partial(dtrain.launch.run, timeout=50, start_method=start_method)
+    assert run(workers.env_flag, nprocs=3, args=("DTRAIN_RANK",)) == ["0", "1", "2"]
     with pytest.raises(dtrain.launch.RankFailed) as info:
-        dtrain.launch.run(int, nprocs=2, args=("not a number",), timeout=50)
+        run(int, nprocs=2, args=("not a number",))
     assert "ValueError" in str(info.value) and "Traceback" in str(info.value)
+    # The environment at each call reaches the ranks, also from a fork server started earlier.
+    monkeypatch.setenv("DTRAIN_TEST_FLAG", "set after the first run")
+    assert run(workers.env_flag, nprocs=2, args=("DTRAIN_TEST_FLAG",)) == ["set after the first run"] * 2
+    assert run(workers.env_flag, nprocs=1, args=("DTRAIN_TEST_FLAG",), env={"DTRAIN_TEST_FLAG": "x"}) == ["x"]
+
+
+def test_launch_run_names_a_bad_start_method():
+    with pytest.raises(ValueError, match=r"start_method='fork' is not one of \('spawn', 'forkserver'\)"):
+        dtrain.launch.run(workers.env_flag, nprocs=1, args=("X",), start_method="fork")
 
 
 @pytest.mark.timeout(60)

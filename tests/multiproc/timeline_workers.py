@@ -6,6 +6,10 @@ import torch
 
 import dtrain
 
+# Large enough that backward (~15 ms a step on one thread) outlasts the progress thread's
+# wake-up even with 3 ranks on 2 cores, so some bucket's transfer starts inside it.
+BATCH = 512
+
 
 def model():
     torch.manual_seed(0)
@@ -27,7 +31,7 @@ def traced_steps(path, steps, compression, bucket_mb, sleep_rank=-1, sleep_s=0.0
     g = torch.Generator().manual_seed(dtrain.rank())
     t0 = time.perf_counter()
     for i in range(steps):
-        x, y = torch.randn(64, 256, generator=g), torch.randint(0, 10, (64,), generator=g)
+        x, y = torch.randn(BATCH, 256, generator=g), torch.randint(0, 10, (BATCH,), generator=g)
         opt.zero_grad()
         loss = torch.nn.functional.cross_entropy(m(x), y)
         if i == steps - 1 and dtrain.rank() == sleep_rank:
@@ -36,6 +40,6 @@ def traced_steps(path, steps, compression, bucket_mb, sleep_rank=-1, sleep_s=0.0
         opt.step()
     sec = (time.perf_counter() - t0) / steps
     stats = s.stats()
-    check = float(sum(p.double().sum() for p in m.parameters()))
+    check = float(sum(p.detach().double().sum() for p in m.parameters()))
     dtrain.shutdown()
     return stats, sec, check
