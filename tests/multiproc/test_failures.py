@@ -4,7 +4,8 @@ import re
 
 import pytest
 
-from tests.multiproc.harness import script
+from tests.multiproc import workers
+from tests.multiproc.harness import ranks, script
 
 HEADER = """
 import os, socket, sys, time, torch, dtrain
@@ -44,6 +45,15 @@ def test_dead_rank_mid_collective_named_within_10s_and_launcher_exits_within_15s
         assert "rank 1" in line, line
         assert float(re.search(r"after ([0-9.]+)s", line).group(1)) < 10
     assert "rank 1 failed (killed by SIGKILL)" in err or "failed" in err
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_a_peer_that_exits_right_after_its_last_send_is_not_a_failure(transport):
+    # Rank 1 sleeps (SIGSTOP) through rank 0's broadcast and exit, then finds the bytes and a
+    # dead peer: it must take the bytes. (CI once failed a 3-rank job on 2 cores this way.)
+    assert ranks(workers.last_bytes_then_exit, 2, env={"DTRAIN_TRANSPORT": transport}, timeout=40) == \
+        [None, [0.0, 1.0, 2.0, 3.0]]
 
 
 @pytest.mark.timeout(60)

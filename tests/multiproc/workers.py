@@ -215,3 +215,25 @@ def sendrecv_ring():
     dtrain.barrier()
     dtrain.shutdown()
     return errors
+
+
+def last_bytes_then_exit():
+    """Rank 0 broadcasts, returns and exits while rank 1 is stopped (SIGSTOP) in the same
+    broadcast; rank 1 resumes with the bytes in its ring and a dead peer. Returns rank 1's
+    tensor (rank 0: None)."""
+    import signal
+    import subprocess
+    import time
+    dtrain.init()
+    pid = dtrain.allgather(torch.tensor([os.getpid()]))
+    t = torch.arange(4.0) if dtrain.rank() == 0 else torch.zeros(4)
+    if dtrain.rank() == 1:
+        dtrain.broadcast(t, root=0)  # waits, mostly asleep between polls, for rank 0
+        return t.tolist()
+    time.sleep(0.3)  # rank 1 is in its broadcast by now
+    os.kill(int(pid[1]), signal.SIGSTOP)
+    dtrain.broadcast(t, root=0)  # 16 bytes: written into rank 1's ring, done without waiting for it
+    # Rank 1 goes on only once this process is gone.
+    subprocess.Popen(["sh", "-c", f"while kill -0 {os.getpid()} 2>/dev/null; do sleep 0.05; done; "
+                      f"sleep 0.1; kill -CONT {int(pid[1])}"], start_new_session=True)
+    return None

@@ -20,6 +20,7 @@ class ShmPair : public Pair {
 
  private:
   int peerPid_;
+  size_t unreadAfterDeath_ = 0;  // checkPeer: bytes left to read when the peer was last found dead
   RingChannel out_;
   RingChannel in_;
 };
