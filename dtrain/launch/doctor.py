@@ -6,7 +6,8 @@
 
 Checks, each with a fix when it fails:
   * this host: the native extension loads; /dev/shm has room; two local ranks reach each
-    other over shared memory (a real allreduce);
+    other over shared memory (a real allreduce); the tensor reader compiled against this
+    torch is in the cache (built now when it is not);
   * every host (-H/--hostfile): the remote shell reaches it; its Python imports dtrain;
     the network interface has an address; node 0's master port is free;
   * bandwidth: a 64 MiB float32 allreduce, one rank per host (or two local ranks), as
@@ -77,6 +78,27 @@ def local_checks() -> List[Row]:
     except OSError as e:
         rows.append(("/dev/shm space", False, str(e), "mount a tmpfs at /dev/shm"))
     return rows
+
+
+def tensor_reader(wait_s: float = 180.0) -> List[Row]:
+    """The tensor reader compiled against this torch (dtrain.ops._torch_reader): found in the
+    cache, or compiled now, so the job's first steps do not run without it. Informational:
+    without it lists are read through torch's Python API, the same results more slowly."""
+    import torch
+
+    from dtrain.ops import _torch_reader, fusion
+    start = time.monotonic()
+    fusion.pack([torch.zeros(1)])  # the first list read starts it
+    _torch_reader.wait(wait_s)
+    state, took = _torch_reader.state(), time.monotonic() - start
+    if state.startswith("in use"):
+        found = state + (f", compiled in {took:.0f} s" if took > 1 else "")
+    elif state.startswith("failed"):
+        found = (f"not built ({state[len('failed: '):]}); tensor lists are read through torch's Python API "
+                 "(~10x slower per tensor). A C++ compiler and torch's headers build it")
+    else:
+        found = state if state != "compiling" else f"still compiling after {wait_s:.0f} s"
+    return [("tensor reader", True, found, "")]
 
 
 def local_bandwidth() -> List[Row]:
@@ -196,6 +218,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             rows += hosts_bandwidth(hosts, args.remote_shell, args.master_addr or hosts[0][0], args.master_port, link)
     elif all(ok for _, ok, _, _ in rows):
         rows += local_bandwidth()
+    if all(ok for _, ok, _, _ in rows[:1]):  # the extension loads
+        rows += tensor_reader()
     print(table(rows))
     bad = sum(not ok for _, ok, _, _ in rows)
     print(f"\n{bad} problem(s) found" if bad else "\nall checks passed")

@@ -14,10 +14,11 @@ from tests.multiproc.harness import REPO
 
 
 
-def _doctor(*args, timeout=240):
+def _doctor(*args, timeout=240, **extra):
     env = dict(os.environ, PYTHONPATH=REPO)
     for k in [k for k in env if k.startswith("DTRAIN_")]:
         env.pop(k)
+    env.update(extra)
     return subprocess.run([sys.executable, "-m", "dtrain", "doctor", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
@@ -27,7 +28,22 @@ def test_this_host_passes():
     p = _doctor()
     assert p.returncode == 0, p.stdout + p.stderr
     assert re.search(r"^ok +2 local ranks +allreduce over shm, busbw \d+\.\d+ GB/s", p.stdout, re.M), p.stdout
+    # the compiler that built dtrain._C builds the reader too: found in the cache or compiled now
+    found = re.search(r"^ok +tensor reader +in use \((.+\.so)\)", p.stdout, re.M)
+    assert found and os.path.exists(found.group(1)), p.stdout
     assert "all checks passed" in p.stdout
+
+
+@pytest.mark.timeout(120)
+def test_the_tensor_reader_row_says_why_it_is_not_used(tmp_path):
+    p = _doctor(DTRAIN_TORCH_READER="0")
+    assert p.returncode == 0 and re.search(r"^ok +tensor reader +off \(DTRAIN_TORCH_READER=0\)", p.stdout, re.M), \
+        p.stdout + p.stderr
+    # no compiler: informational, the doctor still passes, and the row names the cause
+    p = _doctor(DTRAIN_CACHE_DIR=str(tmp_path), CXX=str(tmp_path / "no-such-c++"),
+                PATH=os.path.dirname(sys.executable))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert re.search(r"^ok +tensor reader +not built \(no C\+\+ compiler", p.stdout, re.M), p.stdout
 
 
 def test_the_dtrain_command_needs_a_subcommand():
