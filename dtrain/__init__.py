@@ -10,6 +10,7 @@ touch of dtrain.init, dtrain.AllReduceStrategy, dtrain.ops and the like imports 
 """
 
 import importlib
+import pkgutil
 from typing import Any
 
 from dtrain import errors  # noqa: F401  (first: the C++ module maps its errors onto these classes)
@@ -22,8 +23,6 @@ _COMM = ("Group", "Work", "allgather", "allreduce", "alltoall", "barrier", "broa
          "send", "sendrecv", "shutdown", "world_size")
 _PARALLEL = ("AllReduceStrategy", "LocalStrategy", "ParameterServerStrategy", "PipelineStrategy", "Strategy")
 _HOME = {**{n: "dtrain.comm" for n in _COMM}, **{n: "dtrain.parallel" for n in _PARALLEL}}
-_SUBMODULES = ("bench", "comm", "data", "horovod", "launch", "memory", "nn", "ops", "optim", "parallel",
-               "ray", "testing", "timeline")
 
 __all__ = ["CommError", "CommTimeout", "ConfigError", "DataError", "DtrainError", "RendezvousError",
            *_COMM, *_PARALLEL]
@@ -32,13 +31,16 @@ __all__ = ["CommError", "CommTimeout", "ConfigError", "DataError", "DtrainError"
 def __getattr__(name: str) -> Any:
     if name in _HOME:
         value = getattr(importlib.import_module(_HOME[name]), name)
-    elif name in _SUBMODULES:
-        value = importlib.import_module(f"dtrain.{name}")
-    else:
-        raise AttributeError(f"module 'dtrain' has no attribute {name!r}")
+    else:  # a submodule: dtrain.ops, dtrain.launch, ...
+        try:
+            value = importlib.import_module(f"dtrain.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"dtrain.{name}":
+                raise  # the submodule exists but something it imports does not
+            raise AttributeError(f"module 'dtrain' has no attribute {name!r}") from None
     globals()[name] = value  # later lookups skip this function
     return value
 
 
 def __dir__():
-    return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))
+    return sorted(set(globals()) | set(__all__) | {m.name for m in pkgutil.iter_modules(__path__)})

@@ -218,7 +218,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             rows += hosts_bandwidth(hosts, args.remote_shell, args.master_addr or hosts[0][0], args.master_port, link)
     elif all(ok for _, ok, _, _ in rows):
         rows += local_bandwidth()
-    if all(ok for _, ok, _, _ in rows[:1]):  # the extension loads
+    if rows[0][1]:  # the native extension loads
         rows += tensor_reader()
     print(table(rows))
     bad = sum(not ok for _, ok, _, _ in rows)
