@@ -208,7 +208,9 @@ def main():
     jobs = [(th, s) for th in threads_list for s in sizes]
     for th, s in tqdm(jobs, desc="fused ops", ncols=90, file=sys.stderr):
         torch.set_num_threads(th)
-        trials = 7 if s >= 10**8 else (9 if args.quick else 21)
+        # 100M: every case's step moves 2-3 GB at the memory's speed, where the machine's slow
+        # spells decide a median of 7 (dtrain against torch fused: 0.99-1.11x over four runs).
+        trials = 15 if s >= 10**8 else (9 if args.quick else 21)
         for name, (sec, n) in time_steps(s, trials).items():
             results[f"{name}|{s}|{th}"] = {"case": name, "params": n, "threads": th, "ms": sec * 1e3,
                                            "gb_per_s": n * CASES[name][1] / sec / 1e9}

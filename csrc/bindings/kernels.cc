@@ -49,15 +49,15 @@ void bindKernels(py::module_& m) {
   m.def("adam_step",
         [](const std::vector<std::vector<uintptr_t>>& slots, const std::vector<int64_t>& numel, DType dt, Decay decay,
            bool amsgrad, float gradScale, float beta1Comp, float beta2, float beta2Comp, float eps, float weightDecay,
-           float decayFactor, float negStepSize, float bc2Sqrt, bool checkFinite, int threads) {
+           float decayFactor, float negStepSize, float invBc2Sqrt, bool checkFinite, int threads) {
           TensorLists t = lists(slots, numel, dt);
-          AdamArgs a{gradScale, beta1Comp, beta2, beta2Comp, eps, weightDecay, decayFactor, negStepSize, bc2Sqrt};
+          AdamArgs a{gradScale, beta1Comp, beta2, beta2Comp, eps, weightDecay, decayFactor, negStepSize, invBc2Sqrt};
           py::gil_scoped_release nogil;
           return adamStep(t, decay, amsgrad, a, checkFinite, threads);
         },
         py::arg("slots"), py::arg("numel"), py::arg("dtype"), py::arg("decay"), py::arg("amsgrad"),
         py::arg("grad_scale"), py::arg("beta1_comp"), py::arg("beta2"), py::arg("beta2_comp"), py::arg("eps"),
-        py::arg("weight_decay"), py::arg("decay_factor"), py::arg("neg_step_size"), py::arg("bc2_sqrt"),
+        py::arg("weight_decay"), py::arg("decay_factor"), py::arg("neg_step_size"), py::arg("inv_bc2_sqrt"),
         py::arg("check_finite"), py::arg("threads"),
         "One Adam/AdamW step over every tensor (slots: params, grads, exp_avg, exp_avg_sq[, max_exp_avg_sq]). "
         "Returns True, updating nothing, when check_finite and a grad holds inf/NaN.");
@@ -285,10 +285,10 @@ void bindKernels(py::module_& m) {
   m.def("adam_step_cuda",
         [cudaCheck](const std::vector<std::vector<uintptr_t>>& slots, const std::vector<int64_t>& numel, DType dt,
                     Decay decay, bool amsgrad, float gradScale, float beta1Comp, float beta2, float beta2Comp,
-                    float eps, float weightDecay, float decayFactor, float negStepSize, float bc2Sqrt,
+                    float eps, float weightDecay, float decayFactor, float negStepSize, float invBc2Sqrt,
                     uintptr_t foundInf, uintptr_t stream) {
           TensorLists t = lists(slots, numel, dt);
-          AdamArgs a{gradScale, beta1Comp, beta2, beta2Comp, eps, weightDecay, decayFactor, negStepSize, bc2Sqrt};
+          AdamArgs a{gradScale, beta1Comp, beta2, beta2Comp, eps, weightDecay, decayFactor, negStepSize, invBc2Sqrt};
           cuda::adamStep(t, decay, amsgrad, a, reinterpret_cast<const float*>(foundInf), stream);
           cudaCheck();
         },

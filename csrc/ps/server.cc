@@ -265,7 +265,7 @@ void Server::applyLocked(const float* grad, float gradScale, const double* lrs) 
       a.weightDecay = static_cast<float>(g.weightDecay);
       a.decayFactor = static_cast<float>(1 - g.lr * g.weightDecay);
       a.negStepSize = static_cast<float>(-(g.lr / (1 - std::pow(g.beta1, static_cast<double>(step)))));
-      a.bc2Sqrt = static_cast<float>(std::sqrt(1 - std::pow(g.beta2, static_cast<double>(step))));
+      a.invBc2Sqrt = static_cast<float>(1 / std::sqrt(1 - std::pow(g.beta2, static_cast<double>(step))));
       kernels::Decay decay = g.weightDecay == 0 ? kernels::Decay::kNone
                              : opts_.optimizer == "adamw" ? kernels::Decay::kDecoupled
                                                           : kernels::Decay::kL2;

@@ -242,9 +242,9 @@ def _multi(kernel: str, slots: Sequence[Sequence[int]], numel: Sequence[int], ex
 
 
 def adam_step_cuda(slots, numel, dtype, decay, amsgrad, grad_scale, beta1_comp, beta2, beta2_comp, eps,
-                   weight_decay, decay_factor, neg_step_size, bc2_sqrt, found_inf, stream) -> None:
+                   weight_decay, decay_factor, neg_step_size, inv_bc2_sqrt, found_inf, stream) -> None:
     args = struct.pack("9f", grad_scale, beta1_comp, beta2, beta2_comp, eps, weight_decay, decay_factor,
-                       neg_step_size, bc2_sqrt)
+                       neg_step_size, inv_bc2_sqrt)
     name = f"adamKernelRtc<{_tname(dtype)}, dtrain::kernels::Decay::{_DECAY[decay.name]}, " \
            f"{'true' if amsgrad else 'false'}>"
     _multi(name, slots, numel, lambda _: [_Ptr(found_inf)], stream, args)

@@ -259,7 +259,7 @@ class FusedAdam(_FusedOptimizer):
         bias2 = 1 - beta2 ** step
         args = (b.slots(grad_ptrs), b.numel, b.dtype, decay, bool(group["amsgrad"]),
                 -inv_scale if group["maximize"] else inv_scale, 1 - beta1, beta2, 1 - beta2, eps, wd, 1 - lr * wd,
-                -(lr / bias1), math.sqrt(bias2))
+                -(lr / bias1), 1 / math.sqrt(bias2))
         if b.key[0].type == "cuda":  # launched on torch's current stream; found_inf was read above
             _cuda.backend("FusedAdam").adam_step_cuda(*args, 0, torch.cuda.current_stream(b.key[0]).cuda_stream)
             found = False

@@ -2,8 +2,9 @@
 
 Bound: float32 parameters agree with torch's to 4 ulps (of the larger value, or of 0.5
 where both are smaller: see ulps()) after one step and 32 ulps after 20 (the kernels may
-fuse a multiply and an add into one rounding where torch rounds twice, and those
-differences feed the moments). Where an update cancels, one rounding moves the result
+fuse a multiply and an add into one rounding where torch rounds twice, Adam multiplies by
+1 / sqrt(1 - beta2^step) where torch divides by sqrt(1 - beta2^step), and those differences feed
+the moments). Where an update cancels, one rounding moves the result
 further in both; there each element must be within the bound or within 1e-3 of a
 learning rate per step of the float64 update, which torch's result must pass too. A 1%
 change of the learning rate breaks the bound (checked).
