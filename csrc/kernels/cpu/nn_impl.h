@@ -131,39 +131,29 @@ void geluBwdRows(const T* __restrict dy, const T* __restrict x, const T* __restr
 // one after another, a chain of 32 dependent adds per sum: [*, 1024] float32, one thread,
 // rows in cache, AMD EPYC: forward 238 -> 162-176 ns a row, backward 361-373 -> 320-326; a
 // [4096, 1024] forward+backward against torch's, 3 runs each: 1.20-1.36x -> 1.27-1.40x.
-#if defined(DTRAIN_OPT_AVX512)
+// VecF is a GCC/Clang vector type: +, - and * work on it lane by lane.
+#if defined(DTRAIN_OPT_AVX512) || defined(DTRAIN_OPT_F16C)
 #define DTRAIN_VEC_SUMS 1
-using VecF = __m512;
-constexpr int kVecF = 16;
-inline VecF vLoad(const float* p) { return _mm512_loadu_ps(p); }
-inline VecF vZero() { return _mm512_setzero_ps(); }
-inline VecF vSet(float x) { return _mm512_set1_ps(x); }
-inline VecF vAdd(VecF a, VecF b) { return _mm512_add_ps(a, b); }
-inline VecF vSub(VecF a, VecF b) { return _mm512_sub_ps(a, b); }
-inline VecF vMul(VecF a, VecF b) { return _mm512_mul_ps(a, b); }
-inline VecF vFma(VecF a, VecF b, VecF c) { return _mm512_fmadd_ps(a, b, c); }
-inline float vSum(VecF a) {
-  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
-  __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
-}
-#elif defined(DTRAIN_OPT_F16C)
-#define DTRAIN_VEC_SUMS 1
-using VecF = __m256;
-constexpr int kVecF = 8;
-inline VecF vLoad(const float* p) { return _mm256_loadu_ps(p); }
-inline VecF vZero() { return _mm256_setzero_ps(); }
-inline VecF vSet(float x) { return _mm256_set1_ps(x); }
-inline VecF vAdd(VecF a, VecF b) { return _mm256_add_ps(a, b); }
-inline VecF vSub(VecF a, VecF b) { return _mm256_sub_ps(a, b); }
-inline VecF vMul(VecF a, VecF b) { return _mm256_mul_ps(a, b); }
-inline VecF vFma(VecF a, VecF b, VecF c) { return _mm256_fmadd_ps(a, b, c); }
-inline float vSum(VecF a) {
+inline float sum8(__m256 a) {
   __m128 q = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   q = _mm_add_ps(q, _mm_movehl_ps(q, q));
   return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
 }
+#endif
+#if defined(DTRAIN_OPT_AVX512)
+using VecF = __m512;
+constexpr int kVecF = 16;
+inline VecF vLoad(const float* p) { return _mm512_loadu_ps(p); }
+inline VecF vSet(float x) { return _mm512_set1_ps(x); }
+inline VecF vFma(VecF a, VecF b, VecF c) { return _mm512_fmadd_ps(a, b, c); }
+inline float vSum(VecF a) { return sum8(_mm512_castps512_ps256(a) + _mm512_extractf32x8_ps(a, 1)); }
+#elif defined(DTRAIN_OPT_F16C)
+using VecF = __m256;
+constexpr int kVecF = 8;
+inline VecF vLoad(const float* p) { return _mm256_loadu_ps(p); }
+inline VecF vSet(float x) { return _mm256_set1_ps(x); }
+inline VecF vFma(VecF a, VecF b, VecF c) { return _mm256_fmadd_ps(a, b, c); }
+inline float vSum(VecF a) { return sum8(a); }
 #endif
 
 #if defined(DTRAIN_VEC_SUMS)
@@ -171,33 +161,33 @@ inline float vSum(VecF a) {
 // forward allows), each over four vectors of lanes.
 inline void lnRowStatsVec(const float* __restrict x, int64_t n, double eps, float* mu, float* rs) {
   constexpr int kStep = 4 * kVecF;
-  VecF a0 = vZero(), a1 = vZero(), a2 = vZero(), a3 = vZero();
+  VecF a0 = vSet(0.f), a1 = a0, a2 = a0, a3 = a0;
   int64_t c = 0;
   for (; c + kStep <= n; c += kStep) {
-    a0 = vAdd(a0, vLoad(x + c));
-    a1 = vAdd(a1, vLoad(x + c + kVecF));
-    a2 = vAdd(a2, vLoad(x + c + 2 * kVecF));
-    a3 = vAdd(a3, vLoad(x + c + 3 * kVecF));
+    a0 += vLoad(x + c);
+    a1 += vLoad(x + c + kVecF);
+    a2 += vLoad(x + c + 2 * kVecF);
+    a3 += vLoad(x + c + 3 * kVecF);
   }
-  for (; c + kVecF <= n; c += kVecF) a0 = vAdd(a0, vLoad(x + c));
-  float s = vSum(vAdd(vAdd(a0, a1), vAdd(a2, a3)));
+  for (; c + kVecF <= n; c += kVecF) a0 += vLoad(x + c);
+  float s = vSum((a0 + a1) + (a2 + a3));
   for (; c < n; ++c) s += x[c];
   const float m = s / static_cast<float>(n);
   const VecF vm = vSet(m);
-  a0 = a1 = a2 = a3 = vZero();
+  a0 = a1 = a2 = a3 = vSet(0.f);
   for (c = 0; c + kStep <= n; c += kStep) {
-    const VecF d0 = vSub(vLoad(x + c), vm), d1 = vSub(vLoad(x + c + kVecF), vm),
-               d2 = vSub(vLoad(x + c + 2 * kVecF), vm), d3 = vSub(vLoad(x + c + 3 * kVecF), vm);
+    const VecF d0 = vLoad(x + c) - vm, d1 = vLoad(x + c + kVecF) - vm, d2 = vLoad(x + c + 2 * kVecF) - vm,
+               d3 = vLoad(x + c + 3 * kVecF) - vm;
     a0 = vFma(d0, d0, a0);
     a1 = vFma(d1, d1, a1);
     a2 = vFma(d2, d2, a2);
     a3 = vFma(d3, d3, a3);
   }
   for (; c + kVecF <= n; c += kVecF) {
-    const VecF d = vSub(vLoad(x + c), vm);
+    const VecF d = vLoad(x + c) - vm;
     a0 = vFma(d, d, a0);
   }
-  float v = vSum(vAdd(vAdd(a0, a1), vAdd(a2, a3)));
+  float v = vSum((a0 + a1) + (a2 + a3));
   for (; c < n; ++c) {
     const float d = x[c] - m;
     v += d * d;
@@ -325,22 +315,22 @@ DTRAIN_NO_MULADD inline void lnRowGradSumsVec(const float* __restrict dy, const 
                                               const float* __restrict w, int64_t n, float mu, float rs, float* mg,
                                               float* mgx) {
   const VecF vm = vSet(mu), vr = vSet(rs), one = vSet(1.f);
-  VecF g0 = vZero(), g1 = vZero(), h0 = vZero(), h1 = vZero();
+  VecF g0 = vSet(0.f), g1 = g0, h0 = g0, h1 = g0;
   int64_t c = 0;
   for (; c + 2 * kVecF <= n; c += 2 * kVecF) {
-    const VecF ga = vMul(vLoad(dy + c), w ? vLoad(w + c) : one);
-    const VecF gb = vMul(vLoad(dy + c + kVecF), w ? vLoad(w + c + kVecF) : one);
-    g0 = vAdd(g0, ga);
-    g1 = vAdd(g1, gb);
-    h0 = vAdd(h0, vMul(ga, vMul(vSub(vLoad(x + c), vm), vr)));
-    h1 = vAdd(h1, vMul(gb, vMul(vSub(vLoad(x + c + kVecF), vm), vr)));
+    const VecF ga = vLoad(dy + c) * (w ? vLoad(w + c) : one);
+    const VecF gb = vLoad(dy + c + kVecF) * (w ? vLoad(w + c + kVecF) : one);
+    g0 += ga;
+    g1 += gb;
+    h0 += ga * ((vLoad(x + c) - vm) * vr);
+    h1 += gb * ((vLoad(x + c + kVecF) - vm) * vr);
   }
   for (; c + kVecF <= n; c += kVecF) {
-    const VecF g = vMul(vLoad(dy + c), w ? vLoad(w + c) : one);
-    g0 = vAdd(g0, g);
-    h0 = vAdd(h0, vMul(g, vMul(vSub(vLoad(x + c), vm), vr)));
+    const VecF g = vLoad(dy + c) * (w ? vLoad(w + c) : one);
+    g0 += g;
+    h0 += g * ((vLoad(x + c) - vm) * vr);
   }
-  float sg = vSum(vAdd(g0, g1)), sgx = vSum(vAdd(h0, h1));
+  float sg = vSum(g0 + g1), sgx = vSum(h0 + h1);
   for (; c < n; ++c) {
     const float g = dy[c] * (w ? w[c] : 1.f);
     sg += g;
